@@ -1,0 +1,40 @@
+"""golden_io.py -- writer for the golden files the C++ parity tests read (tests/support/test_util.cpp).
+
+Format (little endian): b"OPDG", u32 version=1, u32 count, then per entry: u32 name_len, name (utf-8),
+u8 dtype (0 f32, 1 f64, 3 i32), u32 ndim, i64 dims[ndim], raw row-major data.
+Inputs are generated here with a fixed torch.Generator seed and written next to the expected outputs,
+so the C++ side never needs to reproduce torch's random numbers.
+"""
+import struct
+
+import torch
+
+_CODES = {torch.float32: 0, torch.float64: 1, torch.int32: 3}
+
+
+class GoldenWriter:
+    def __init__(self):
+        self.entries = {}
+
+    def add(self, name, t):
+        t = torch.as_tensor(t).detach().contiguous()
+        if t.dtype == torch.int64:
+            t = t.to(torch.int32)
+        if t.dtype not in _CODES:
+            raise ValueError(f"{name}: unsupported dtype {t.dtype}")
+        if name in self.entries:
+            raise ValueError(f"duplicate golden entry {name}")
+        self.entries[name] = t
+
+    def save(self, path):
+        with open(path, "wb") as f:
+            f.write(b"OPDG")
+            f.write(struct.pack("<II", 1, len(self.entries)))
+            for name, t in self.entries.items():
+                nb = name.encode()
+                f.write(struct.pack("<I", len(nb)))
+                f.write(nb)
+                f.write(struct.pack("<BI", _CODES[t.dtype], t.dim()))
+                for d in t.shape:
+                    f.write(struct.pack("<q", d))
+                f.write(t.numpy().tobytes())

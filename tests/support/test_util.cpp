@@ -1,0 +1,122 @@
+// Implementation of the shared test helpers (random tensors, finite differences, golden reader).
+#include "test_util.hpp"
+
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <fstream>
+
+namespace opdlm::test {
+
+Tensor random_tensor(const Shape& shape, uint32_t seed, double lo, double hi, DType dtype) {
+  CounterRng rng(RngKey{seed, RngPurpose::test, 0, 0, 0});
+  Tensor t = Tensor::empty(shape, DType::f64);
+  double* p = t.data<double>();
+  for (int64_t i = 0; i < t.numel(); ++i)
+    p[i] = lo + (hi - lo) * rng.uniform_open_f64(static_cast<uint32_t>(i));
+  return dtype == DType::f64 ? t : t.to(dtype);
+}
+
+Tensor random_ids(const Shape& shape, uint32_t seed, int32_t vocab) {
+  CounterRng rng(RngKey{seed, RngPurpose::test, 1, 0, 0});
+  CounterRng::Cursor cur(rng);
+  Tensor t = Tensor::empty(shape, DType::i32);
+  for (int64_t i = 0; i < t.numel(); ++i) t.data<int32_t>()[i] = static_cast<int32_t>(cur.below(vocab));
+  return t;
+}
+
+Tensor numeric_grad(const std::function<double()>& f, Tensor& x, double eps) {
+  Tensor g = Tensor::zeros(x.shape(), DType::f64);
+  for (int64_t i = 0; i < x.numel(); ++i) {
+    const double v = x.item(i);
+    auto set = [&](double nv) {
+      if (x.dtype() == DType::f64) x.data<double>()[i] = nv;
+      else x.data<float>()[i] = static_cast<float>(nv);
+    };
+    set(v + eps);
+    const double fp = f();
+    set(v - eps);
+    const double fm = f();
+    set(v);
+    g.data<double>()[i] = (fp - fm) / (2 * eps);
+  }
+  return g;
+}
+
+double max_abs_err(const Tensor& a, const Tensor& b) {
+  if (a.numel() != b.numel())
+    OPDLM_FAIL("comparing ", a.describe(), " with ", b.describe(), ": sizes differ");
+  double m = 0;
+  for (int64_t i = 0; i < a.numel(); ++i) m = std::max(m, std::fabs(a.item(i) - b.item(i)));
+  return m;
+}
+
+double max_rel_err(const Tensor& a, const Tensor& b, double floor) {
+  double scale = floor;
+  for (int64_t i = 0; i < b.numel(); ++i) scale = std::max(scale, std::fabs(b.item(i)));
+  return max_abs_err(a, b) / scale;
+}
+
+double dot(const Tensor& a, const Tensor& b) {
+  if (a.numel() != b.numel()) OPDLM_FAIL("dot of ", a.describe(), " and ", b.describe());
+  double s = 0;
+  for (int64_t i = 0; i < a.numel(); ++i) s += a.item(i) * b.item(i);
+  return s;
+}
+
+std::string golden_dir() {
+  if (const char* d = std::getenv("OPDLM_GOLDEN_DIR")) return d;
+#ifdef OPDLM_GOLDEN_DIR_DEFAULT
+  return OPDLM_GOLDEN_DIR_DEFAULT;
+#else
+  return "golden";
+#endif
+}
+
+// Format (little endian), written by tests/golden/golden_io.py:
+//   "OPDG" u32 version=1 u32 count, then per entry: u32 name_len, name bytes, u8 dtype
+//   (0 f32, 1 f64, 3 i32), u32 ndim, i64 dims[ndim], raw row-major data.
+Golden load_golden(const std::string& group) {
+  const std::string path = golden_dir() + "/" + group + ".bin";
+  std::ifstream in(path, std::ios::binary);
+  if (!in) OPDLM_FAIL_AT(path, "", "golden file missing: run the ctest fixture 'golden' (tests/golden/gen_all.py)");
+  auto rd = [&](void* p, size_t n) {
+    in.read(static_cast<char*>(p), static_cast<std::streamsize>(n));
+    if (!in) OPDLM_FAIL_AT(path, "", "golden file truncated");
+  };
+  char magic[4];
+  rd(magic, 4);
+  if (std::memcmp(magic, "OPDG", 4) != 0) OPDLM_FAIL_AT(path, "magic", "not a golden file");
+  uint32_t version = 0, count = 0;
+  rd(&version, 4);
+  rd(&count, 4);
+  if (version != 1) OPDLM_FAIL_AT(path, "version", "unsupported golden version ", version);
+  Golden g;
+  for (uint32_t e = 0; e < count; ++e) {
+    uint32_t nlen = 0;
+    rd(&nlen, 4);
+    std::string name(nlen, '\0');
+    rd(name.data(), nlen);
+    uint8_t dt = 0;
+    rd(&dt, 1);
+    uint32_t ndim = 0;
+    rd(&ndim, 4);
+    Shape shape(ndim);
+    for (uint32_t i = 0; i < ndim; ++i) rd(&shape[i], 8);
+    DType dtype = dt == 0 ? DType::f32 : dt == 1 ? DType::f64 : dt == 3 ? DType::i32 : DType::bf16;
+    if (dtype == DType::bf16) OPDLM_FAIL_AT(path, name, "unsupported dtype code ", int(dt));
+    Tensor t = Tensor::empty(shape, dtype);
+    rd(t.raw_data(), t.nbytes());
+    g.emplace(name, std::move(t));
+  }
+  return g;
+}
+
+const Tensor& golden_get(const Golden& g, const std::string& name) {
+  auto it = g.find(name);
+  if (it == g.end()) OPDLM_FAIL("golden entry '", name, "' not found");
+  return it->second;
+}
+
+}  // namespace opdlm::test

@@ -1,0 +1,35 @@
+// Shared test helpers: deterministic random tensors, central-difference gradients, error metrics,
+// and the golden-file reader for PyTorch parity cases.
+#pragma once
+
+#include <functional>
+#include <map>
+#include <string>
+
+#include "opdlm/base/rng.hpp"
+#include "opdlm/tensor/tensor.hpp"
+
+namespace opdlm::test {
+
+// Uniform in [lo, hi), keyed by `seed` through the counter RNG (no std:: engines: same on every libc).
+Tensor random_tensor(const Shape& shape, uint32_t seed, double lo = -1.0, double hi = 1.0,
+                     DType dtype = DType::f64);
+Tensor random_ids(const Shape& shape, uint32_t seed, int32_t vocab);
+
+// d f / d x by central differences, perturbing each element of `x` (f64 or f32) in place.
+Tensor numeric_grad(const std::function<double()>& f, Tensor& x, double eps = 1e-6);
+
+// max_i |a_i - b_i| / max(max_i |b_i|, floor): a scale-aware relative error for whole tensors.
+double max_rel_err(const Tensor& a, const Tensor& b, double floor = 1e-12);
+double max_abs_err(const Tensor& a, const Tensor& b);
+// sum_i a_i * b_i in f64 (projects a vector output onto a fixed random direction).
+double dot(const Tensor& a, const Tensor& b);
+
+// Cases written by tests/golden/*.py: name -> tensor (f32, f64 or i32), one file per op group.
+using Golden = std::map<std::string, Tensor>;
+// Reads OPDLM_GOLDEN_DIR/<group>.bin (the ctest fixture `golden` generates them).
+Golden load_golden(const std::string& group);
+const Tensor& golden_get(const Golden& g, const std::string& name);
+std::string golden_dir();
+
+}  // namespace opdlm::test
