@@ -15,6 +15,8 @@ void* cuda_alloc(size_t nbytes);
 void cuda_free(void* p);
 void cuda_memset0(void* p, size_t nbytes);
 void cuda_copy(void* dst, Device dd, const void* src, Device sd, size_t nbytes);
+void cuda_convert_f32_to_bf16(const void* in, void* out, int64_t n);
+void cuda_convert_bf16_to_f32(const void* in, void* out, int64_t n);
 }  // namespace detail
 
 #ifndef OPDLM_HAVE_CUDA
@@ -24,6 +26,8 @@ void* cuda_alloc(size_t) { no_cuda(); }
 void cuda_free(void*) {}
 void cuda_memset0(void*, size_t) { no_cuda(); }
 void cuda_copy(void*, Device, const void*, Device, size_t) { no_cuda(); }
+void cuda_convert_f32_to_bf16(const void*, void*, int64_t) { no_cuda(); }
+void cuda_convert_bf16_to_f32(const void*, void*, int64_t) { no_cuda(); }
 }  // namespace detail
 #endif
 
@@ -217,7 +221,15 @@ double Tensor::item(int64_t i) const {
 
 Tensor Tensor::to(DType dtype) const {
   if (dtype == dtype_) return clone();
-  if (device_ != Device::cpu) OPDLM_FAIL("dtype conversion of ", describe(), " runs on the CPU only");
+  if (device_ == Device::cuda) {
+    // The GPU keeps f32 and bf16 only; the kernels are twins of the CPU conversion below.
+    Tensor out = empty(shape_, dtype, Device::cuda);
+    if (dtype_ == DType::f32 && dtype == DType::bf16) detail::cuda_convert_f32_to_bf16(raw_data(), out.raw_data(), numel());
+    else if (dtype_ == DType::bf16 && dtype == DType::f32) detail::cuda_convert_bf16_to_f32(raw_data(), out.raw_data(), numel());
+    else OPDLM_FAIL("dtype conversion ", dtype_name(dtype_), " -> ", dtype_name(dtype), " of ", describe(),
+                    " is not supported on the GPU (f32 <-> bf16 only)");
+    return out;
+  }
   Tensor out = empty(shape_, dtype);
   const int64_t n = numel();
   if (dtype == DType::bf16) {
