@@ -343,4 +343,22 @@ void expect_float_cpu(const Tensor& t, const char* name) {
   expect_dtype(t, name, {DType::f32, DType::f64});
 }
 
+void prepare_output(Tensor& t, const char* name, const Shape& shape, DType dtype) {
+  if (!t.defined()) {
+    t = Tensor::empty(shape, dtype);
+    return;
+  }
+  expect_cpu(t, name);
+  expect_dtype(t, name, {dtype});
+  expect_shape(t, name, shape);
+}
+
+void prepare_accumulator(Tensor& t, const char* name, const Shape& shape, DType dtype) {
+  if (!t.defined()) {
+    t = Tensor::zeros(shape, dtype);
+    return;
+  }
+  prepare_output(t, name, shape, dtype);
+}
+
 }  // namespace opdlm

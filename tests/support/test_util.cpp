@@ -65,6 +65,15 @@ double dot(const Tensor& a, const Tensor& b) {
   return s;
 }
 
+std::string error_of(const std::function<void()>& f) {
+  try {
+    f();
+  } catch (const Error& e) {
+    return e.what();
+  }
+  return "";
+}
+
 std::string golden_dir() {
   if (const char* d = std::getenv("OPDLM_GOLDEN_DIR")) return d;
 #ifdef OPDLM_GOLDEN_DIR_DEFAULT

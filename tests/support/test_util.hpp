@@ -2,6 +2,8 @@
 // and the golden-file reader for PyTorch parity cases.
 #pragma once
 
+#include <gtest/gtest.h>
+
 #include <functional>
 #include <map>
 #include <string>
@@ -25,6 +27,9 @@ double max_abs_err(const Tensor& a, const Tensor& b);
 // sum_i a_i * b_i in f64 (projects a vector output onto a fixed random direction).
 double dot(const Tensor& a, const Tensor& b);
 
+// Runs f and returns the opdlm::Error text ("" when nothing was thrown).
+std::string error_of(const std::function<void()>& f);
+
 // Cases written by tests/golden/*.py: name -> tensor (f32, f64 or i32), one file per op group.
 using Golden = std::map<std::string, Tensor>;
 // Reads OPDLM_GOLDEN_DIR/<group>.bin (the ctest fixture `golden` generates them).
@@ -33,3 +38,12 @@ const Tensor& golden_get(const Golden& g, const std::string& name);
 std::string golden_dir();
 
 }  // namespace opdlm::test
+
+// The statement must throw an opdlm::Error whose text contains every given fragment.
+#define EXPECT_ERROR_HAS(stmt, ...)                                                             \
+  do {                                                                                          \
+    const std::string msg_ = ::opdlm::test::error_of([&] { stmt; });                            \
+    ASSERT_FALSE(msg_.empty()) << #stmt " did not throw";                                       \
+    for (const char* part_ : {__VA_ARGS__})                                                     \
+      EXPECT_NE(msg_.find(part_), std::string::npos) << "'" << part_ << "' not in: " << msg_;   \
+  } while (0)

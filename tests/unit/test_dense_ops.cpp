@@ -19,6 +19,7 @@
 #include "test_util.hpp"
 
 using namespace opdlm;
+using opdlm::test::error_of;
 using namespace opdlm::ops;
 using opdlm::test::dot;
 using opdlm::test::max_abs_err;
@@ -47,16 +48,6 @@ double fd_err(const std::function<Tensor()>& fwd, Tensor& x, const Tensor& analy
 
 Tensor rnd(const Shape& s, uint32_t seed, DType t, double lo = -1, double hi = 1) {
   return random_tensor(s, seed, lo, hi, t);
-}
-
-// Runs f, returns the Error text ("" when nothing was thrown).
-std::string error_of(const std::function<void()>& f) {
-  try {
-    f();
-  } catch (const Error& e) {
-    return e.what();
-  }
-  return "";
 }
 
 void expect_error_mentions(const std::function<void()>& f, std::initializer_list<const char*> parts) {

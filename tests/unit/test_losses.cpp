@@ -45,22 +45,6 @@ double fd_err(const std::function<Tensor()>& fwd, Tensor& x, const Tensor& analy
   return e;
 }
 
-std::string error_of(const std::function<void()>& f) {
-  try {
-    f();
-  } catch (const Error& e) {
-    return e.what();
-  }
-  return "";
-}
-
-#define EXPECT_ERROR_HAS(stmt, ...)                                    \
-  do {                                                                 \
-    const std::string msg_ = error_of([&] { stmt; });                  \
-    ASSERT_FALSE(msg_.empty()) << #stmt " did not throw";              \
-    for (const char* part_ : {__VA_ARGS__})                            \
-      EXPECT_NE(msg_.find(part_), std::string::npos) << "'" << part_ << "' not in: " << msg_; \
-  } while (0)
 
 bool all_finite(const Tensor& t) {
   for (int64_t i = 0; i < t.numel(); ++i)

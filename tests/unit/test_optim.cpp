@@ -20,22 +20,6 @@ using opdlm::test::random_tensor;
 
 namespace {
 
-std::string error_of(const std::function<void()>& f) {
-  try {
-    f();
-  } catch (const Error& e) {
-    return e.what();
-  }
-  return "";
-}
-
-#define EXPECT_ERROR_HAS(stmt, ...)                                    \
-  do {                                                                 \
-    const std::string msg_ = error_of([&] { stmt; });                  \
-    ASSERT_FALSE(msg_.empty()) << #stmt " did not throw";              \
-    for (const char* part_ : {__VA_ARGS__})                            \
-      EXPECT_NE(msg_.find(part_), std::string::npos) << "'" << part_ << "' not in: " << msg_; \
-  } while (0)
 
 // torch/optim/adamw.py (_single_tensor_adamw, amsgrad off), one element, line by line.
 void torch_adamw_scalar(double& p, double g, double& m, double& v, int64_t step, const AdamWConfig& c) {

@@ -114,5 +114,10 @@ void expect_shape(const Tensor& t, const char* name, const Shape& expected, cons
 void expect_same_dtype(const Tensor& a, const char* an, const Tensor& b, const char* bn);
 // Floating CPU tensor (f32 or f64): the CPU ops compute in the tensor's own precision.
 void expect_float_cpu(const Tensor& t, const char* name);
+// An op's overwritten output: allocated (uninitialised) when undefined, else it must already be a
+// CPU tensor of exactly this dtype and shape.
+void prepare_output(Tensor& t, const char* name, const Shape& shape, DType dtype);
+// An accumulated gradient (+=): zero-allocated when undefined, else checked like prepare_output.
+void prepare_accumulator(Tensor& t, const char* name, const Shape& shape, DType dtype);
 
 }  // namespace opdlm

@@ -49,17 +49,6 @@ Dims check_inputs(const Tensor& q, const Tensor& k, const Tensor& v,
   return d;
 }
 
-// Output / gradient tensors: allocated when undefined (every element is overwritten), else checked.
-void prepare_out(Tensor& t, const char* name, const Shape& shape, DType dtype) {
-  if (!t.defined()) {
-    t = Tensor::empty(shape, dtype);
-    return;
-  }
-  expect_cpu(t, name);
-  expect_dtype(t, name, {dtype});
-  expect_shape(t, name, shape);
-}
-
 template <class T>
 inline T dotp(const T* a, const T* b, int64_t n) {
   T s = 0;
@@ -217,7 +206,7 @@ Tensor attention_forward(const Tensor& q, const Tensor& k, const Tensor& v,
   Tensor o = Tensor::empty({d.B, d.Tq, d.Hq, d.D}, q.dtype());
   Tensor lse_local;
   Tensor& l = lse ? *lse : lse_local;
-  prepare_out(l, "lse", {d.B, d.Hq, d.Tq}, q.dtype());
+  prepare_output(l, "lse", {d.B, d.Hq, d.Tq}, q.dtype());
   if (q.dtype() == DType::f64)
     forward_kernel<double>(d, masks, scale, q.data<double>(), k.data<double>(), v.data<double>(),
                            o.data<double>(), l.data<double>());
@@ -240,9 +229,9 @@ void attention_backward(const Tensor& q, const Tensor& k, const Tensor& v, const
   expect_float_cpu(lse, "lse");
   expect_same_dtype(q, "q", lse, "lse");
   expect_shape(lse, "lse", {d.B, d.Hq, d.Tq}, "[batch, query heads, Tq] of 'q'");
-  prepare_out(dq, "dq", qshape, q.dtype());
-  prepare_out(dk, "dk", k.shape(), q.dtype());
-  prepare_out(dv, "dv", k.shape(), q.dtype());
+  prepare_output(dq, "dq", qshape, q.dtype());
+  prepare_output(dk, "dk", k.shape(), q.dtype());
+  prepare_output(dv, "dv", k.shape(), q.dtype());
   if (q.dtype() == DType::f64)
     backward_kernel<double>(d, masks, scale, q.data<double>(), k.data<double>(), v.data<double>(),
                             o.data<double>(), lse.data<double>(), dout.data<double>(),

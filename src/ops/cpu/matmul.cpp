@@ -11,26 +11,6 @@
 namespace opdlm::ops {
 namespace {
 
-// Overwritten output: allocate when undefined, otherwise it must match exactly.
-void prepare_out(Tensor& t, const char* name, const Shape& shape, DType dt) {
-  if (!t.defined()) {
-    t = Tensor::empty(shape, dt);
-    return;
-  }
-  expect_cpu(t, name);
-  expect_dtype(t, name, {dt});
-  expect_shape(t, name, shape);
-}
-
-// Accumulated output: zero-allocate when undefined.
-void prepare_accum(Tensor& t, const char* name, const Shape& shape, DType dt) {
-  if (!t.defined()) {
-    t = Tensor::zeros(shape, dt);
-    return;
-  }
-  prepare_out(t, name, shape, dt);
-}
-
 // BLAS reads a and b while it writes c: overlapping storage would give garbage silently.
 bool overlaps(const Tensor& x, const Tensor& y) {
   const char* xp = static_cast<const char*>(x.raw_data());
@@ -103,7 +83,7 @@ void matmul(const Tensor& a, bool trans_a, const Tensor& b, bool trans_b, Tensor
   const int64_t n = trans_b ? b.size(-2) : b.size(-1);
   const Shape cs = ad == 3 ? Shape{batch, m, n} : Shape{m, n};
   if (!c.defined() && beta != 0) OPDLM_FAIL("matmul: tensor 'c' is undefined but beta = ", beta, " reads it");
-  prepare_out(c, "c", cs, a.dtype());
+  prepare_output(c, "c", cs, a.dtype());
   if (overlaps(c, a) || overlaps(c, b)) OPDLM_FAIL("matmul: tensor 'c' shares memory with '", overlaps(c, a) ? "a" : "b", "'");
   if (a.dtype() == DType::f32) matmul_impl<float>(a, trans_a, b, trans_b, c, alpha, beta, batch, m, n, k);
   else matmul_impl<double>(a, trans_a, b, trans_b, c, alpha, beta, batch, m, n, k);
@@ -138,11 +118,11 @@ void linear_backward(const Tensor& x, const Tensor& w, const Tensor& dy, Tensor*
   expect_same_dtype(x, "x", dy, "dy");
   expect_shape(dy, "dy", {x.size(0), w.size(0)}, "[n, out] of 'x' and 'w'");
   if (dx) {
-    prepare_out(*dx, "dx", x.shape(), x.dtype());
+    prepare_output(*dx, "dx", x.shape(), x.dtype());
     matmul(dy, false, w, false, *dx);  // dx = dy @ w
   }
   if (dw) {
-    prepare_accum(*dw, "dw", w.shape(), w.dtype());
+    prepare_accumulator(*dw, "dw", w.shape(), w.dtype());
     matmul(dy, true, x, false, *dw, 1.0, 1.0);  // dw += dy^T @ x
   }
 }

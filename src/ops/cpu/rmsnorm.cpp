@@ -8,16 +8,6 @@
 namespace opdlm::ops {
 namespace {
 
-void prepare_out(Tensor& t, const char* name, const Shape& shape, DType dt, bool accumulate) {
-  if (!t.defined()) {
-    t = accumulate ? Tensor::zeros(shape, dt) : Tensor::empty(shape, dt);
-    return;
-  }
-  expect_cpu(t, name);
-  expect_dtype(t, name, {dt});
-  expect_shape(t, name, shape);
-}
-
 void check_xw(const Tensor& x, const Tensor& w) {
   expect_float_cpu(x, "x");
   expect_float_cpu(w, "w");
@@ -94,7 +84,7 @@ Tensor rmsnorm_forward(const Tensor& x, const Tensor& w, double eps, Tensor* rst
   check_xw(x, w);
   if (!(eps >= 0)) OPDLM_FAIL("rmsnorm: eps = ", eps, " must be >= 0");
   Tensor y = Tensor::empty(x.shape(), x.dtype());
-  if (rstd) prepare_out(*rstd, "rstd", {x.size(0)}, x.dtype(), false);
+  if (rstd) prepare_output(*rstd, "rstd", {x.size(0)}, x.dtype());
   if (x.dtype() == DType::f32) forward<float>(x, w, eps, y, rstd ? rstd->data<float>() : nullptr);
   else forward<double>(x, w, eps, y, rstd ? rstd->data<double>() : nullptr);
   return y;
@@ -109,8 +99,8 @@ void rmsnorm_backward(const Tensor& x, const Tensor& w, const Tensor& rstd, cons
   expect_float_cpu(dy, "dy");
   expect_same_dtype(x, "x", dy, "dy");
   expect_shape(dy, "dy", x.shape(), "shape of 'x'");
-  if (dx) prepare_out(*dx, "dx", x.shape(), x.dtype(), false);
-  if (dw) prepare_out(*dw, "dw", w.shape(), w.dtype(), true);
+  if (dx) prepare_output(*dx, "dx", x.shape(), x.dtype());
+  if (dw) prepare_accumulator(*dw, "dw", w.shape(), w.dtype());
   if (x.dtype() == DType::f32) backward<float>(x, w, rstd, dy, dx, dw);
   else backward<double>(x, w, rstd, dy, dx, dw);
 }

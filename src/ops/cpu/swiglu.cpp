@@ -6,16 +6,6 @@
 namespace opdlm::ops {
 namespace {
 
-void prepare_out(Tensor& t, const char* name, const Shape& shape, DType dt) {
-  if (!t.defined()) {
-    t = Tensor::empty(shape, dt);
-    return;
-  }
-  expect_cpu(t, name);
-  expect_dtype(t, name, {dt});
-  expect_shape(t, name, shape);
-}
-
 void check_pair(const Tensor& gate, const Tensor& up) {
   expect_float_cpu(gate, "gate");
   expect_float_cpu(up, "up");
@@ -65,8 +55,8 @@ void swiglu_backward(const Tensor& gate, const Tensor& up, const Tensor& dh, Ten
   expect_float_cpu(dh, "dh");
   expect_same_dtype(gate, "gate", dh, "dh");
   expect_shape(dh, "dh", gate.shape(), "shape of 'gate'");
-  if (dgate) prepare_out(*dgate, "dgate", gate.shape(), gate.dtype());
-  if (dup) prepare_out(*dup, "dup", gate.shape(), gate.dtype());
+  if (dgate) prepare_output(*dgate, "dgate", gate.shape(), gate.dtype());
+  if (dup) prepare_output(*dup, "dup", gate.shape(), gate.dtype());
   const int64_t n = gate.numel();
   if (gate.dtype() == DType::f32)
     backward(gate.data<float>(), up.data<float>(), dh.data<float>(), dgate ? dgate->data<float>() : nullptr,
