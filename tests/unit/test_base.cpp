@@ -197,3 +197,29 @@ TEST(Logging, ParsesSeverities) {
   init_logging({});
   OPDLM_LOG(info) << "logging works";
 }
+
+#ifdef OPDLM_HAVE_CUDA
+// These fail the same way with or without a GPU: the arguments themselves are invalid.
+TEST(CheckMacros, CudaFailureNamesTheCallAndCudaMessage) {
+  try {
+    CUDA_CHECK(cudaSetDevice(-1));
+    FAIL() << "no throw";
+  } catch (const Error& e) {
+    std::string w = e.what();
+    EXPECT_NE(w.find("cudaSetDevice(-1)"), std::string::npos) << w;
+    EXPECT_NE(w.find("CUDA call failed"), std::string::npos) << w;
+    EXPECT_NE(w.find("test_base.cpp"), std::string::npos) << w;
+  }
+}
+
+TEST(CheckMacros, NcclFailureNamesTheCall) {
+  try {
+    NCCL_CHECK(ncclGetUniqueId(nullptr));
+    FAIL() << "no throw";
+  } catch (const Error& e) {
+    std::string w = e.what();
+    EXPECT_NE(w.find("ncclGetUniqueId"), std::string::npos) << w;
+    EXPECT_NE(w.find("NCCL call failed"), std::string::npos) << w;
+  }
+}
+#endif
