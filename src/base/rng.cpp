@@ -54,6 +54,11 @@ double CounterRng::uniform_open_f64(uint32_t i) const {
 
 double CounterRng::gumbel(uint32_t i) const { return -std::log(-std::log(uniform_open_f64(i))); }
 
+double CounterRng::normal(uint32_t i) const {
+  const double u1 = uniform_open_f64(2 * i), u2 = uniform_open_f64(2 * i + 1);
+  return std::sqrt(-2.0 * std::log(u1)) * std::cos(6.283185307179586 * u2);
+}
+
 uint32_t CounterRng::Cursor::below(uint32_t n) {
   OPDLM_CHECK(n > 0, "below(0) has no valid result");
   uint64_t m = static_cast<uint64_t>(u32()) * n;

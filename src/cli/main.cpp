@@ -1,11 +1,13 @@
 // The `opdlm` command-line binary: global flags (--help, --version) and subcommand dispatch.
 // Subcommands register in kSubcommands; each parses its own flags with Boost.Program_options.
 #include <boost/program_options.hpp>
+#include <algorithm>
 #include <cstdio>
-#include <functional>
 #include <iostream>
 #include <string>
 #include <vector>
+
+#include "commands.hpp"
 
 #include "opdlm/base/build_info.hpp"
 #include "opdlm/base/error.hpp"
@@ -16,32 +18,23 @@ namespace po = boost::program_options;
 
 namespace {
 
-// Exit codes are part of the interface (slurm/ scripts read them); docs/cli.md lists them.
-constexpr int kExitOk = 0;
-constexpr int kExitError = 1;
-constexpr int kExitUsage = 2;
+using opdlm::cli::kExitError;
+using opdlm::cli::kExitOk;
+using opdlm::cli::kExitUsage;
 
-struct Subcommand {
-  const char* name;
-  const char* summary;
-  std::function<int(const std::vector<std::string>&)> run;
-};
-
-int cmd_version(const std::vector<std::string>&);
-int cmd_rng(const std::vector<std::string>& args);
-
-const std::vector<Subcommand> kSubcommands = {
-    {"version", "print the version and build facts", cmd_version},
-    {"rng", "print counter-RNG draws for a key (reproducibility checks across machines)", cmd_rng},
-};
+std::vector<opdlm::cli::Subcommand> sorted_commands() {
+  auto cmds = opdlm::cli::registry();
+  std::sort(cmds.begin(), cmds.end(), [](const auto& a, const auto& b) { return a.name < b.name; });
+  return cmds;
+}
 
 void print_usage(std::ostream& os) {
   os << "Usage: opdlm [--help] [--version] <subcommand> [options]\n\n"
         "opdlm converts a Qwen3 autoregressive LM into a block-diffusion LM by on-policy distillation.\n\n"
         "Subcommands:\n";
-  for (const auto& s : kSubcommands) {
+  for (const auto& s : sorted_commands()) {
     os << "  " << s.name;
-    for (size_t i = std::string(s.name).size(); i < 12; ++i) os << ' ';
+    for (size_t i = s.name.size(); i < 12; ++i) os << ' ';
     os << s.summary << "\n";
   }
   os << "\nRun `opdlm <subcommand> --help` for its options.\n";
@@ -82,6 +75,16 @@ int cmd_rng(const std::vector<std::string>& args) {
 
 }  // namespace
 
+OPDLM_SUBCOMMAND("version", "print the version and build facts", cmd_version);
+OPDLM_SUBCOMMAND("rng", "print counter-RNG draws for a key (reproducibility checks across machines)", cmd_rng);
+
+namespace opdlm::cli {
+std::vector<Subcommand>& registry() {
+  static std::vector<Subcommand> r;
+  return r;
+}
+}  // namespace opdlm::cli
+
 int main(int argc, char** argv) {
   std::vector<std::string> args(argv + 1, argv + argc);
   try {
@@ -95,7 +98,7 @@ int main(int argc, char** argv) {
       return kExitOk;
     }
     if (first == "--version") return cmd_version({});
-    for (const auto& s : kSubcommands)
+    for (const auto& s : opdlm::cli::registry())
       if (first == s.name) {
         opdlm::init_logging({});
         return s.run(std::vector<std::string>(args.begin() + 1, args.end()));

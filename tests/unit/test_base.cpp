@@ -98,6 +98,21 @@ TEST(CounterRng, GumbelMoments) {
   EXPECT_NEAR(sum / n, 0.5772156649, 0.02);  // Euler-Mascheroni constant
 }
 
+TEST(CounterRng, NormalMoments) {
+  CounterRng r({8, RngPurpose::param_init, 0, 0, 0});
+  const int n = 100000;
+  double sum = 0, sum2 = 0, sum4 = 0;
+  for (int i = 0; i < n; ++i) {
+    double z = r.normal(i);
+    sum += z;
+    sum2 += z * z;
+    sum4 += z * z * z * z;
+  }
+  EXPECT_NEAR(sum / n, 0.0, 0.02);
+  EXPECT_NEAR(sum2 / n, 1.0, 0.02);
+  EXPECT_NEAR(sum4 / n, 3.0, 0.1);  // kurtosis of a normal
+}
+
 TEST(CounterRng, CategoricalGumbelMatchesSoftmaxAndShards) {
   const std::vector<float> logits = {0.0f, std::log(2.0f), std::log(3.0f), -INFINITY};
   std::vector<int> counts(4, 0);

@@ -49,6 +49,8 @@ class CounterRng {
   double uniform_open_f64(uint32_t i) const;  // 53 bits from words 2i, 2i+1
   // Standard Gumbel(0, 1) from uniform_open_f64(i): -log(-log(u)).
   double gumbel(uint32_t i) const;
+  // Standard normal by Box-Muller from uniform_open_f64(2i) and uniform_open_f64(2i + 1).
+  double normal(uint32_t i) const;
 
   // Sequential reader that also supports rejection sampling (which consumes a variable count).
   class Cursor {

@@ -1,0 +1,101 @@
+// INI + command-line configuration through Boost.Program_options, with errors that name file and key.
+#include "opdlm/base/config.hpp"
+
+#include <boost/any.hpp>
+#include <fstream>
+#include <sstream>
+
+#include "opdlm/base/error.hpp"
+
+namespace po = boost::program_options;
+
+namespace opdlm {
+namespace {
+
+std::string any_to_text(const boost::any& v) {
+  std::ostringstream os;
+  if (auto p = boost::any_cast<std::string>(&v)) os << *p;
+  else if (auto p = boost::any_cast<int>(&v)) os << *p;
+  else if (auto p = boost::any_cast<int64_t>(&v)) os << *p;
+  else if (auto p = boost::any_cast<uint32_t>(&v)) os << *p;
+  else if (auto p = boost::any_cast<uint64_t>(&v)) os << *p;
+  else if (auto p = boost::any_cast<double>(&v)) os << *p;
+  else if (auto p = boost::any_cast<float>(&v)) os << *p;
+  else if (auto p = boost::any_cast<bool>(&v)) os << (*p ? "true" : "false");
+  else os << "<value>";
+  return os.str();
+}
+
+[[noreturn]] void rethrow_po(const po::error& e, const std::string& where) {
+  std::string key;
+  if (auto* n = dynamic_cast<const po::error_with_option_name*>(&e)) key = n->get_option_name();
+  while (!key.empty() && key[0] == '-') key.erase(0, 1);
+  OPDLM_FAIL_AT(where, key, e.what());
+}
+
+}  // namespace
+
+ResolvedConfig load_config(const po::options_description& desc, const std::string& ini_path,
+                           const std::vector<std::string>& overrides) {
+  ResolvedConfig cfg;
+  cfg.file = ini_path;
+  // The command line is stored first: Boost keeps the first value stored for a key.
+  try {
+    po::store(po::command_line_parser(overrides).options(desc).style(po::command_line_style::default_style &
+                                                                     ~po::command_line_style::allow_guessing)
+                  .run(),
+              cfg.values);
+  } catch (const po::error& e) {
+    rethrow_po(e, "command line");
+  }
+  std::map<std::string, bool> from_cli;
+  for (const auto& kv : cfg.values) from_cli[kv.first] = true;
+  if (!ini_path.empty()) {
+    std::ifstream in(ini_path);
+    if (!in) OPDLM_FAIL_AT(ini_path, "", "cannot open config file");
+    try {
+      po::store(po::parse_config_file(in, desc, /*allow_unregistered=*/false), cfg.values);
+    } catch (const po::error& e) {
+      rethrow_po(e, ini_path);
+    }
+  }
+  try {
+    po::notify(cfg.values);
+  } catch (const po::error& e) {
+    rethrow_po(e, ini_path.empty() ? "command line" : ini_path);
+  }
+  for (const auto& kv : cfg.values) {
+    cfg.as_text[kv.first] = any_to_text(kv.second.value());
+    cfg.origin[kv.first] = kv.second.defaulted() ? "default" : from_cli.count(kv.first) ? "command line" : ini_path;
+  }
+  return cfg;
+}
+
+std::string ResolvedConfig::table() const {
+  size_t kw = 3, vw = 5;
+  for (const auto& [k, v] : as_text) {
+    kw = std::max(kw, k.size());
+    vw = std::max(vw, v.size());
+  }
+  std::ostringstream os;
+  for (const auto& [k, v] : as_text) {
+    os << k << std::string(kw - k.size() + 2, ' ') << v << std::string(vw - v.size() + 2, ' ') << "("
+       << origin.at(k) << ")\n";
+  }
+  return os.str();
+}
+
+void require_range(const ResolvedConfig& cfg, const std::string& key, double lo, double hi) {
+  if (!cfg.has(key)) return;
+  const std::string& text = cfg.as_text.at(key);
+  double v = 0;
+  try {
+    v = std::stod(text);
+  } catch (...) {
+    OPDLM_FAIL_AT(cfg.origin.at(key), key, "value '", text, "' is not a number");
+  }
+  if (!(v >= lo && v <= hi))
+    OPDLM_FAIL_AT(cfg.origin.at(key), key, "value ", text, " is outside [", lo, ", ", hi, "]");
+}
+
+}  // namespace opdlm
