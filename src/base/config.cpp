@@ -49,7 +49,8 @@ ResolvedConfig load_config(const po::options_description& desc, const std::strin
     rethrow_po(e, "command line");
   }
   std::map<std::string, bool> from_cli;
-  for (const auto& kv : cfg.values) from_cli[kv.first] = true;
+  for (const auto& kv : cfg.values)
+    if (!kv.second.defaulted()) from_cli[kv.first] = true;
   if (!ini_path.empty()) {
     std::ifstream in(ini_path);
     if (!in) OPDLM_FAIL_AT(ini_path, "", "cannot open config file");
