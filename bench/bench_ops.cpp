@@ -238,9 +238,13 @@ int main(int argc, char** argv) {
   reg(benchmark::RegisterBenchmark("matmul/2048x512*512x2048", bm_matmul, 1, 2048, 512, 2048));
   // Batched: per-head sized products (8 x [512, 64] @ [64, 512]).
   reg(benchmark::RegisterBenchmark("matmul_batched/8x512x64*64x512", bm_matmul, 8, 512, 64, 512));
-  // Attention: Qwen3-like GQA heads, causal and the doubled training row (P + 2*L1 = 512, b = 16).
+  // Attention: Qwen3-like GQA heads, causal and the doubled training row (P + 2*L1 = 512, b = 16), and
+  // torch_qwen3_ref's 'tiny' model shape (B 8, T 256, 4 query / 2 kv heads, head dim 32), causal (its AR
+  // training step) and as a doubled training row (P + 2*L1 = 256, b = 16).
   for (const AttnShape& s : {AttnShape{"causal", 1, 512, 8, 2, 64, MaskDescriptor::causal()},
-                             AttnShape{"training", 1, 512, 8, 2, 64, MaskDescriptor::training(16, 128, 192)}}) {
+                             AttnShape{"training", 1, 512, 8, 2, 64, MaskDescriptor::training(16, 128, 192)},
+                             AttnShape{"causal", 8, 256, 4, 2, 32, MaskDescriptor::causal()},
+                             AttnShape{"training", 8, 256, 4, 2, 32, MaskDescriptor::training(16, 64, 96)}}) {
     reg(benchmark::RegisterBenchmark(("attention_fwd/" + s.name()).c_str(), bm_attn_fwd, s));
     reg(benchmark::RegisterBenchmark(("attention_bwd/" + s.name()).c_str(), bm_attn_bwd, s));
   }

@@ -24,6 +24,7 @@ enum class RngPurpose : uint32_t {
   state_select = 4,    // one-state-per-block choice
   random_mask = 5,     // rm-kl / rm-ce corruption
   prompt_order = 6,
+  data_generate = 7,   // synthetic data (arithmetic problems, distractors)
 };
 
 // Everything a draw is keyed by. `index` enumerates the draws made for one (step, sample, position).

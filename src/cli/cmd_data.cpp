@@ -1,0 +1,289 @@
+// `opdlm data`: build the teacher corpus and eval sets (kjv, arithmetic), tokenize text into token
+// shards (prepare) and print a shard's header (inspect). Formats: docs/data_formats.md.
+#include <boost/program_options.hpp>
+#include <filesystem>
+#include <fstream>
+#include <iostream>
+#include <nlohmann/json.hpp>
+#include <sstream>
+
+#include "commands.hpp"
+
+#include "opdlm/base/error.hpp"
+#include "opdlm/io/corpora.hpp"
+#include "opdlm/io/hash.hpp"
+#include "opdlm/io/jsonl_dataset.hpp"
+#include "opdlm/io/token_shard.hpp"
+#include "opdlm/io/tokenizer.hpp"
+
+namespace po = boost::program_options;
+namespace fs = std::filesystem;
+
+namespace {
+
+using opdlm::cli::kExitOk;
+using opdlm::cli::kExitUsage;
+
+constexpr const char* kUsage =
+    "Usage: opdlm data <action> [options]\n\n"
+    "Actions:\n"
+    "  prepare     tokenize text/JSONL files into a token shard\n"
+    "  inspect     print a token shard's header and counts (validates it)\n"
+    "  kjv         KJV teacher text + seen/held-out eval JSONL (needs the `bible` program)\n"
+    "  arithmetic  arithmetic teacher text + held-out/length/seen eval JSONL\n\n"
+    "Run `opdlm data <action> --help` for its options.\n";
+
+// Parses args into vm; returns true when --help was given (the help is printed).
+bool parse(const std::vector<std::string>& args, const po::options_description& desc, po::variables_map& vm,
+           const po::positional_options_description* pos = nullptr) {
+  po::command_line_parser p(args);
+  p.options(desc);
+  if (pos) p.positional(*pos);
+  po::store(p.run(), vm);
+  if (vm.count("help")) {
+    std::cout << desc << "\n";
+    return true;
+  }
+  po::notify(vm);
+  return false;
+}
+
+std::string read_file(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) OPDLM_FAIL_AT(path, "", "cannot open input");
+  std::ostringstream ss;
+  ss << in.rdbuf();
+  return ss.str();
+}
+
+void write_text(const std::string& path, const std::vector<std::string>& lines) {
+  const std::string tmp = path + ".tmp";
+  {
+    std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
+    if (!out) OPDLM_FAIL_AT(path, "", "cannot create file");
+    for (const auto& l : lines) out << l << '\n';
+    if (!out.flush()) OPDLM_FAIL_AT(path, "", "write failed");
+  }
+  fs::rename(tmp, path);
+}
+
+void write_json(const std::string& path, const nlohmann::json& j) { write_text(path, {j.dump(2)}); }
+
+int data_prepare(const std::vector<std::string>& args) {
+  po::options_description desc(
+      "opdlm data prepare: tokenize documents into a token shard (docs/data_formats.md)\n"
+      "  opdlm data prepare --tokenizer tok.json --input a.txt [b.txt ...] --out shard.bin --append-eos");
+  std::string tok_path, out, format = "lines", field = "text";
+  std::vector<std::string> inputs;
+  uint32_t shuffle_seed = 0;
+  desc.add_options()("help", "show this help")
+      ("tokenizer", po::value(&tok_path)->required(), "tokenizer.json")
+      ("input", po::value(&inputs)->multitoken()->required(), "input files (documents in file order)")
+      ("out", po::value(&out)->required(), "output shard")
+      ("format", po::value(&format)->default_value("lines"),
+       "lines (one document per non-blank line) | paragraphs (blank-line separated) | text (one per file) | jsonl")
+      ("field", po::value(&field)->default_value("text"), "JSONL string field holding the document")
+      ("shuffle-seed", po::value(&shuffle_seed), "shuffle documents (counter RNG, data_shuffle, epoch 0)")
+      ("append-eos", po::bool_switch(), "append <|endoftext|> to every document")
+      ("keep-newlines", po::bool_switch(), "keep each line's trailing newline in the document text");
+  po::variables_map vm;
+  if (parse(args, desc, vm)) return kExitOk;
+  const bool append_eos = vm["append-eos"].as<bool>(), keep_nl = vm["keep-newlines"].as<bool>();
+
+  const auto fmt = opdlm::io::parse_doc_format(format);  // before the (slow) tokenizer load
+  const auto tok = opdlm::io::Tokenizer::from_file(tok_path);
+  std::optional<int32_t> eos;
+  if (append_eos) {
+    eos = tok.token_id("<|endoftext|>");
+    if (!eos) OPDLM_FAIL_AT(tok_path, "added_tokens", "--append-eos: the tokenizer has no <|endoftext|> token");
+  }
+  opdlm::io::TokenShard shard(tok.vocab_size(), opdlm::io::sha256_file_digest(tok_path));
+  uint64_t n_bytes = 0;
+  for (const auto& in : inputs) {
+    const auto docs = opdlm::io::split_documents(read_file(in), fmt, field, keep_nl, in);
+    for (const auto& d : docs) {
+      auto ids = tok.encode(d);
+      if (eos) ids.push_back(*eos);
+      shard.add_document(ids);
+      n_bytes += d.size();
+    }
+    std::cout << in << ": " << docs.size() << " documents\n";
+  }
+  if (vm.count("shuffle-seed")) shard = shard.shuffled(shuffle_seed, 0);
+  shard.write(out);
+  std::cout << "wrote " << out << ": " << shard.num_documents() << " documents, " << shard.num_tokens()
+            << " tokens (" << n_bytes << " text bytes, "
+            << (shard.num_tokens() ? static_cast<double>(n_bytes) / shard.num_tokens() : 0.0)
+            << " bytes/token), vocab " << shard.vocab_size() << ", "
+            << (shard.dtype() == opdlm::io::TokenDType::u16 ? "u16" : "u32") << " tokens\n";
+  return kExitOk;
+}
+
+int data_inspect(const std::vector<std::string>& args) {
+  po::options_description desc("opdlm data inspect: validate a token shard and print its header");
+  std::string path;
+  desc.add_options()("help", "show this help")("shard", po::value(&path)->required(), "token shard");
+  po::positional_options_description pos;
+  pos.add("shard", 1);
+  po::variables_map vm;
+  if (parse(args, desc, vm, &pos)) return kExitOk;
+  const auto s = opdlm::io::TokenShard::read(path);
+  uint64_t longest = 0;
+  for (uint64_t d = 0; d < s.num_documents(); ++d) longest = std::max<uint64_t>(longest, s.document(d).size());
+  nlohmann::ordered_json j;
+  j["file"] = path;
+  j["version"] = opdlm::io::kTokenShardVersion;
+  j["dtype"] = s.dtype() == opdlm::io::TokenDType::u16 ? "u16" : "u32";
+  j["n_tokens"] = s.num_tokens();
+  j["n_docs"] = s.num_documents();
+  j["longest_doc"] = longest;
+  j["vocab_size"] = s.vocab_size();
+  j["tokenizer_sha256"] = opdlm::io::to_hex(s.tokenizer_sha256());
+  std::cout << j.dump(2) << "\n";
+  return kExitOk;
+}
+
+nlohmann::json dataset_header(const std::string& task, const nlohmann::json& source) {
+  return {{"task", task}, {"generator", "opdlm data"}, {"source", source}};
+}
+
+int data_kjv(const std::vector<std::string>& args) {
+  po::options_description desc(
+      "opdlm data kjv: KJV teacher text and eval sets (../shared/docs/data.md 6.1)\n"
+      "  writes train.txt, heldout.txt, kjv.tsv, heldout_chapters.txt, eval_seen.jsonl, eval_heldout.jsonl,\n"
+      "  manifest.json");
+  std::string out_dir, program = "bible";
+  int k_words = 3, n_distractors = 3;
+  uint32_t seed = 0;
+  desc.add_options()("help", "show this help")
+      ("out-dir", po::value(&out_dir)->required(), "output folder (created)")
+      ("bible", po::value(&program)->default_value("bible"), "the KJV reader program (Debian bible-kjv)")
+      ("k-words", po::value(&k_words)->default_value(3), "words of the verse given in the completion prompt")
+      ("distractors", po::value(&n_distractors)->default_value(3), "distractors per seen-eval item")
+      ("seed", po::value(&seed)->default_value(0), "seed of the distractor choice");
+  po::variables_map vm;
+  if (parse(args, desc, vm)) return kExitOk;
+  namespace io = opdlm::io;
+  fs::create_directories(out_dir);
+  std::string raw;
+  const auto verses = io::load_kjv(program, &raw);
+  const std::string raw_sha = io::sha256_hex(raw);
+  const auto split = io::split_kjv(verses);
+
+  std::vector<std::string> train, heldout, tsv;
+  for (size_t i : split.train) train.push_back(verses[i].line());
+  for (size_t i : split.heldout) heldout.push_back(verses[i].line());
+  for (const auto& v : verses)
+    tsv.push_back(v.book + "\t" + std::to_string(v.chapter) + "\t" + std::to_string(v.verse) + "\t" + v.text);
+  const fs::path d(out_dir);
+  write_text((d / "train.txt").string(), train);
+  write_text((d / "heldout.txt").string(), heldout);
+  write_text((d / "kjv.tsv").string(), tsv);
+  write_text((d / "heldout_chapters.txt").string(), split.heldout_chapters);
+
+  nlohmann::json source = {{"command", program + " -l 100000 \"" + std::string(io::kKjvRange) + "\""},
+                           {"output_sha256", raw_sha}};
+  if (fs::exists("/usr/lib/bible.data")) source["bible_data_sha256"] = io::sha256_file_hex("/usr/lib/bible.data");
+  io::PromptDataset seen{dataset_header("kjv_seen_completion", source),
+                         io::kjv_seen_completion(verses, split, k_words, n_distractors, seed)};
+  seen.header["k_words"] = k_words;
+  seen.header["seed"] = seed;
+  seen.header["rule"] = "trained chapter and sha256(\"eval|Book C:V\") % 1000 < 34";
+  io::PromptDataset held{dataset_header("kjv_heldout_chapters", source), io::kjv_heldout_records(verses, split)};
+  held.header["rule"] = "sha256(\"Book C\") % 100 < 5";
+  io::write_prompt_jsonl((d / "eval_seen.jsonl").string(), seen);
+  io::write_prompt_jsonl((d / "eval_heldout.jsonl").string(), held);
+
+  nlohmann::ordered_json m;
+  m["source"] = source;
+  m["verses"] = verses.size();
+  m["chapters"] = split.num_chapters;
+  m["heldout_chapters"] = split.heldout_chapters.size();
+  m["train_verses"] = split.train.size();
+  m["heldout_verses"] = split.heldout.size();
+  m["seen_eval_verses"] = split.seen_eval.size();
+  m["seen_eval_items"] = seen.records.size();
+  m["train_txt_sha256"] = io::sha256_file_hex((d / "train.txt").string());
+  write_json((d / "manifest.json").string(), nlohmann::json::parse(m.dump()));
+  std::cout << "kjv: " << verses.size() << " verses, " << split.num_chapters << " chapters; held out "
+            << split.heldout_chapters.size() << " chapters (" << split.heldout.size() << " verses); train "
+            << split.train.size() << " verses; seen eval " << seen.records.size() << " items; source sha256 "
+            << raw_sha << "\n";
+  return kExitOk;
+}
+
+int data_arithmetic(const std::vector<std::string>& args) {
+  po::options_description desc(
+      "opdlm data arithmetic: synthetic arithmetic text and eval sets (../shared/docs/data.md 6.5)\n"
+      "  writes train.txt, eval_heldout.jsonl, eval_length.jsonl, eval_seen.jsonl, manifest.json");
+  std::string out_dir;
+  opdlm::io::ArithmeticConfig cfg;
+  desc.add_options()("help", "show this help")
+      ("out-dir", po::value(&out_dir)->required(), "output folder (created)")
+      ("n-train", po::value(&cfg.n_train)->default_value(cfg.n_train), "training lines")
+      ("n-eval", po::value(&cfg.n_eval)->default_value(cfg.n_eval), "items per eval set")
+      ("seed", po::value(&cfg.seed)->default_value(0), "generator seed")
+      ("max-digits", po::value(&cfg.max_digits)->default_value(cfg.max_digits), "training operand digits 1..N")
+      ("length-digits", po::value(&cfg.length_digits)->default_value(cfg.length_digits),
+       "operand digits of the length-generalisation set");
+  po::variables_map vm;
+  if (parse(args, desc, vm)) return kExitOk;
+  namespace io = opdlm::io;
+  fs::create_directories(out_dir);
+  const auto sets = io::generate_arithmetic(cfg);
+  std::vector<std::string> train;
+  train.reserve(sets.train.size());
+  for (const auto& p : sets.train) train.push_back(p.line());
+  const fs::path d(out_dir);
+  write_text((d / "train.txt").string(), train);
+  const nlohmann::json source = {{"generator", "opdlm::io::generate_arithmetic"},
+                                 {"seed", cfg.seed},
+                                 {"n_train", cfg.n_train},
+                                 {"max_digits", cfg.max_digits},
+                                 {"length_digits", cfg.length_digits},
+                                 {"train_txt_sha256", io::sha256_file_hex((d / "train.txt").string())}};
+  auto write_set = [&](const char* file, const char* task, const std::vector<io::ArithProblem>& ps, const char* split,
+                       const char* rule) {
+    io::PromptDataset ds{dataset_header(task, source), io::arithmetic_records(ps, split)};
+    ds.header["rule"] = rule;
+    io::write_prompt_jsonl((d / file).string(), ds);
+  };
+  write_set("eval_heldout.jsonl", "arithmetic_heldout", sets.eval_heldout, "heldout",
+            "sha256(\"{a},{b},{op}\") % 100 < 10, operands 1..max_digits digits");
+  write_set("eval_length.jsonl", "arithmetic_length", sets.eval_length, "length",
+            "both operands length_digits digits (never trained)");
+  write_set("eval_seen.jsonl", "arithmetic_seen", sets.eval_seen, "seen", "first distinct training problems");
+  write_json((d / "manifest.json").string(),
+             {{"source", source},
+              {"train_lines", sets.train.size()},
+              {"eval_heldout", sets.eval_heldout.size()},
+              {"eval_length", sets.eval_length.size()},
+              {"eval_seen", sets.eval_seen.size()}});
+  std::cout << "arithmetic: " << sets.train.size() << " train lines, " << sets.eval_heldout.size() << " held-out, "
+            << sets.eval_length.size() << " length-" << cfg.length_digits << ", " << sets.eval_seen.size()
+            << " seen eval items; train.txt sha256 " << source["train_txt_sha256"].get<std::string>() << "\n";
+  return kExitOk;
+}
+
+int cmd_data(const std::vector<std::string>& args) {
+  if (args.empty()) {
+    std::cerr << kUsage;
+    return kExitUsage;
+  }
+  const std::string& a = args[0];
+  const std::vector<std::string> rest(args.begin() + 1, args.end());
+  if (a == "--help" || a == "-h" || a == "help") {
+    std::cout << kUsage;
+    return kExitOk;
+  }
+  if (a == "prepare") return data_prepare(rest);
+  if (a == "inspect") return data_inspect(rest);
+  if (a == "kjv") return data_kjv(rest);
+  if (a == "arithmetic") return data_arithmetic(rest);
+  std::cerr << "opdlm data: unknown action '" << a << "'\n\n" << kUsage;
+  return kExitUsage;
+}
+
+}  // namespace
+
+OPDLM_SUBCOMMAND("data", "build corpora and eval sets (kjv, arithmetic), tokenize into shards (prepare)", cmd_data);

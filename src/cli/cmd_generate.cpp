@@ -1,0 +1,178 @@
+// `opdlm generate --mode ar`, `opdlm score` and `opdlm eval --mode ar`: decoding, per-token
+// log-probabilities, and exact-match completion tasks with a model file and its tokenizer.
+#include <boost/program_options.hpp>
+#include <fstream>
+#include <iomanip>
+#include <iostream>
+#include <nlohmann/json.hpp>
+
+#include "commands.hpp"
+#include "opdlm/base/error.hpp"
+#include "opdlm/eval/completion.hpp"
+#include "opdlm/io/jsonl_dataset.hpp"
+#include "opdlm/io/model_file.hpp"
+#include "opdlm/io/tokenizer.hpp"
+#include "opdlm/model/ar_generate.hpp"
+
+namespace po = boost::program_options;
+using namespace opdlm;
+
+namespace {
+
+struct Loaded {
+  model::Qwen3Model model;
+  io::Tokenizer tok;
+};
+
+// The model file records the tokenizer it was trained with; --tokenizer overrides it.
+Loaded load(const std::string& model_path, std::string tok_path) {
+  if (tok_path.empty()) {
+    auto info = io::read_model_info(model_path);
+    if (info.extra.contains("tokenizer") && info.extra["tokenizer"].is_string())
+      tok_path = info.extra["tokenizer"].get<std::string>();
+    if (tok_path.empty()) OPDLM_FAIL_AT(model_path, "tokenizer", "the model file names no tokenizer: pass --tokenizer");
+  }
+  return {model::Qwen3Model::teacher(io::load_model(model_path)), io::Tokenizer::from_file(tok_path)};
+}
+
+// False when --help was given (and printed).
+bool parse(const std::vector<std::string>& args, const po::options_description& desc) {
+  po::variables_map vm;
+  po::store(po::command_line_parser(args).options(desc).run(), vm);
+  if (vm.count("help")) {
+    std::cout << desc << "\n";
+    return false;
+  }
+  po::notify(vm);
+  return true;
+}
+
+int run_generate(const std::vector<std::string>& args) {
+  po::options_description d("opdlm generate --mode ar");
+  std::string mode, model_path, tok_path, prompt, prompts_file, out;
+  int64_t max_new = 64, batch = 8;
+  ops::SamplingParams sp;
+  uint32_t seed = 0;
+  d.add_options()("help", "show help")("mode", po::value(&mode)->required(), "ar (block diffusion arrives with the sampler)")
+      ("model", po::value(&model_path)->required(), "model.h5")("tokenizer", po::value(&tok_path), "tokenizer.json (default: the one the model file names)")
+      ("prompt", po::value(&prompt), "one prompt")("prompts", po::value(&prompts_file), "JSONL with a prompt field")
+      ("max-new-tokens", po::value(&max_new)->default_value(64), "length limit")("batch-size", po::value(&batch)->default_value(8), "prompts per batch")
+      ("temperature", po::value(&sp.temperature)->default_value(0.0), "0 = greedy")
+      ("top-k", po::value(&sp.top_k)->default_value(0), "0 = off")("top-p", po::value(&sp.top_p)->default_value(1.0), "1 = off")
+      ("seed", po::value(&seed)->default_value(0), "sampling seed")("out", po::value(&out), "write JSONL here instead of stdout");
+  if (!parse(args, d)) return cli::kExitOk;
+  if (mode != "ar") OPDLM_FAIL_AT("command line", "mode", "unknown mode '", mode, "' (available: ar)");
+  if (prompt.empty() == prompts_file.empty()) OPDLM_FAIL_AT("command line", "prompt", "give exactly one of --prompt and --prompts");
+  Loaded L = load(model_path, tok_path);
+  std::vector<io::PromptRecord> recs;
+  if (!prompt.empty()) recs.push_back({"0", false, prompt});
+  else recs = io::load_prompt_jsonl(prompts_file).records;
+  model::ArGenerateOptions g;
+  g.max_new_tokens = max_new;
+  g.sampling = sp;
+  g.seed = seed;
+  g.eos_id = static_cast<int32_t>(L.model.config().eos_token_id);
+  g.pad_id = std::max<int32_t>(g.eos_id, 0);
+  std::ofstream file;
+  if (!out.empty()) file.open(out);
+  std::ostream& os = out.empty() ? std::cout : file;
+  for (size_t s = 0; s < recs.size(); s += static_cast<size_t>(batch)) {
+    std::vector<std::vector<int32_t>> prompts;
+    std::vector<uint32_t> ids;
+    for (size_t i = s; i < std::min(recs.size(), s + static_cast<size_t>(batch)); ++i) {
+      prompts.push_back(L.tok.encode(recs[i].prompt));
+      ids.push_back(static_cast<uint32_t>(i));
+    }
+    auto gens = model::ar_generate(L.model, prompts, ids, g);
+    for (size_t i = 0; i < gens.size(); ++i)
+      os << nlohmann::json{{"id", recs[s + i].id}, {"prompt", recs[s + i].prompt}, {"ids", gens[i].tokens},
+                           {"text", L.tok.decode(gens[i].tokens)}, {"eos", gens[i].stopped_at_eos}}.dump()
+         << "\n";
+  }
+  return cli::kExitOk;
+}
+
+int run_score(const std::vector<std::string>& args) {
+  po::options_description d("opdlm score: per-token log-probabilities of texts (JSONL field) or ids");
+  std::string model_path, tok_path, input, field, out;
+  d.add_options()("help", "show help")("model", po::value(&model_path)->required(), "model.h5")
+      ("tokenizer", po::value(&tok_path), "tokenizer.json (default: the one the model file names)")
+      ("input", po::value(&input)->required(), "JSONL: each record has `field` (text) or `ids` (list of ints)")
+      ("field", po::value(&field)->default_value("text"), "text field")("out", po::value(&out), "output JSONL (default stdout)");
+  if (!parse(args, d)) return cli::kExitOk;
+  Loaded L = load(model_path, tok_path);
+  std::ifstream in(input);
+  if (!in) OPDLM_FAIL_AT(input, "", "cannot open");
+  std::ofstream file;
+  if (!out.empty()) file.open(out);
+  std::ostream& os = out.empty() ? std::cout : file;
+  std::string line;
+  for (int64_t lineno = 1; std::getline(in, line); ++lineno) {
+    if (line.empty()) continue;
+    nlohmann::json j;
+    try {
+      j = nlohmann::json::parse(line);
+    } catch (const std::exception& e) {
+      OPDLM_FAIL_AT(input + ":" + std::to_string(lineno), "", "invalid JSON: ", e.what());
+    }
+    std::vector<int32_t> ids;
+    if (j.contains("ids")) {
+      if (!j["ids"].is_array()) OPDLM_FAIL_AT(input + ":" + std::to_string(lineno), "ids", "expected a list of ints");
+      for (const auto& v : j["ids"]) {
+        if (!v.is_number_integer() || v.get<int64_t>() < 0 || v.get<int64_t>() >= L.model.config().vocab_size)
+          OPDLM_FAIL_AT(input + ":" + std::to_string(lineno), "ids", "not a token id of this model: ", v.dump());
+        ids.push_back(v.get<int32_t>());
+      }
+    } else if (j.contains(field) && j[field].is_string()) {
+      ids = L.tok.encode(j[field].get<std::string>());
+    } else {
+      OPDLM_FAIL_AT(input + ":" + std::to_string(lineno), field, "record has neither a string '", field, "' nor 'ids'");
+    }
+    auto lp = model::token_logprobs(L.model, ids);
+    double sum = 0;
+    for (double x : lp) sum += x;
+    nlohmann::json o = {{"ids", ids}, {"logprobs", lp}, {"sum_logprob", sum}, {"tokens_scored", lp.size()}};
+    if (j.contains("id")) o["id"] = j["id"];
+    os << o.dump() << "\n";
+  }
+  return cli::kExitOk;
+}
+
+int run_eval(const std::vector<std::string>& args) {
+  po::options_description d("opdlm eval --mode ar: exact-match completion tasks (JSONL with prompt and gold)");
+  std::string mode, model_path, tok_path, out;
+  std::vector<std::string> tasks;
+  eval::CompletionOptions o;
+  d.add_options()("help", "show help")("mode", po::value(&mode)->required(), "ar")
+      ("model", po::value(&model_path)->required(), "model.h5")("tokenizer", po::value(&tok_path), "tokenizer.json")
+      ("tasks", po::value(&tasks)->multitoken()->required(), "task JSONL files")
+      ("max-new-tokens", po::value(&o.max_new_tokens)->default_value(64), "length limit")
+      ("batch-size", po::value(&o.batch_size)->default_value(16), "prompts per batch")
+      ("limit", po::value(&o.limit)->default_value(0), "records per task (0 = all)")
+      ("out", po::value(&out), "write per-item results as JSONL here");
+  if (!parse(args, d)) return cli::kExitOk;
+  if (mode != "ar") OPDLM_FAIL_AT("command line", "mode", "unknown mode '", mode, "' (available: ar)");
+  Loaded L = load(model_path, tok_path);
+  std::ofstream file;
+  if (!out.empty()) file.open(out);
+  std::cout << std::left << std::setw(40) << "task" << std::setw(8) << "n" << std::setw(10) << "EM"
+            << "token_acc\n";
+  for (const auto& t : tasks) {
+    auto res = eval::eval_completion_ar(L.model, L.tok, io::load_prompt_jsonl(t), t, o);
+    std::cout << std::left << std::setw(40) << t << std::setw(8) << res.n << std::setw(10) << std::setprecision(4)
+              << res.exact_match << res.token_accuracy << "\n";
+    std::cout << nlohmann::json{{"task", t}, {"n", res.n}, {"exact_match", res.exact_match},
+                                {"token_accuracy", res.token_accuracy}}.dump() << "\n";
+    if (file)
+      for (const auto& it : res.items)
+        file << nlohmann::json{{"task", t}, {"id", it.id}, {"prompt", it.prompt}, {"gold", it.gold},
+                               {"answer", it.answer}, {"correct", it.correct}}.dump() << "\n";
+  }
+  return cli::kExitOk;
+}
+
+}  // namespace
+
+OPDLM_SUBCOMMAND("generate", "decode continuations of prompts (--mode ar)", run_generate);
+OPDLM_SUBCOMMAND("score", "per-token log-probabilities of texts or ids under a model", run_score);
+OPDLM_SUBCOMMAND("eval", "exact-match completion tasks (--mode ar)", run_eval);

@@ -1,0 +1,47 @@
+// `opdlm train --mode ar --config FILE.ini [--section.key=value ...]`: autoregressive pretraining
+// or SFT of a teacher. (The OPD and random-mask modes arrive with the diffusion work.)
+#include <iostream>
+#include <nlohmann/json.hpp>
+
+#include "commands.hpp"
+#include "opdlm/base/config.hpp"
+#include "opdlm/base/error.hpp"
+#include "opdlm/train/ar_trainer.hpp"
+
+namespace {
+
+int run_train(const std::vector<std::string>& args) {
+  std::string mode, config;
+  std::vector<std::string> overrides;
+  for (size_t i = 0; i < args.size(); ++i) {
+    const std::string& a = args[i];
+    auto value = [&](const std::string& flag) -> std::string {
+      if (a.size() > flag.size() && a.compare(0, flag.size() + 1, flag + "=") == 0) return a.substr(flag.size() + 1);
+      if (i + 1 >= args.size()) OPDLM_FAIL_AT("command line", flag.substr(2), "missing value");
+      return args[++i];
+    };
+    if (a == "--help" || a == "-h") {
+      std::cout << "Usage: opdlm train --mode ar --config FILE.ini [--section.key=value ...]\n\n"
+                << opdlm::train::ArTrainOptions::schema() << "\n";
+      return opdlm::cli::kExitOk;
+    }
+    if (a.rfind("--mode", 0) == 0) mode = value("--mode");
+    else if (a.rfind("--config", 0) == 0 && (a.size() == 8 || a[8] == '=')) config = value("--config");
+    else overrides.push_back(a);
+  }
+  if (mode.empty()) OPDLM_FAIL_AT("command line", "mode", "--mode is required (ar)");
+  if (mode != "ar") OPDLM_FAIL_AT("command line", "mode", "unknown mode '", mode, "' (available: ar)");
+  opdlm::ResolvedConfig cfg = opdlm::load_config(opdlm::train::ArTrainOptions::schema(), config, overrides);
+  auto opts = opdlm::train::ArTrainOptions::from_config(cfg);
+  auto s = opdlm::train::run_ar_training(opts, cfg.table());
+  nlohmann::json j = {{"params", s.params}, {"steps", s.steps}, {"tokens", s.tokens}, {"wall_s", s.wall_s},
+                      {"tokens_per_s", s.tokens_per_s}, {"final_train_loss", s.final_train_loss},
+                      {"eval_loss", s.eval_loss}, {"eval_ppl", s.eval_ppl}, {"unigram_ppl", s.unigram_ppl},
+                      {"model", s.model_path}};
+  std::cout << j.dump() << "\n";
+  return opdlm::cli::kExitOk;
+}
+
+}  // namespace
+
+OPDLM_SUBCOMMAND("train", "train a model (--mode ar: pretraining or SFT of a teacher)", run_train);
