@@ -11,6 +11,7 @@ skip() { echo "SKIP: $*"; exit 77; }
 [[ -d $tokref/node_modules/@anush008/tokenizers ]] || skip "$tokref/node_modules missing: run tools/install-deps.sh"
 command -v node >/dev/null || skip "node not found"
 command -v bible >/dev/null || skip "bible not found (apt-get install bible-kjv bible-kjv-text)"
+[[ -f /usr/lib/python3.11/json/decoder.py ]] || skip "the Debian Python 3.11 stdlib is missing"
 
 tmp=$(mktemp -d /tmp/opdlm_toktrain_XXXXXX)
 trap 'rm -rf "$tmp"' EXIT

@@ -5,9 +5,12 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <cstring>
 #include <functional>
 #include <string>
 #include <vector>
+
+#include <omp.h>
 
 #include "opdlm/ops/attention.hpp"
 #include "test_util.hpp"
@@ -272,6 +275,136 @@ TEST(AttentionBackward, ThreadedTilesMatchDenseReference) {
     const char* what[4] = {"o", "dq", "dk", "dv"};
     for (int i = 0; i < 4; ++i) EXPECT_LE(e[i], tol) << what[i] << " " << dtype_name(dt);
     record(c.name + "_" + dtype_name(dt) + "_rel_err", *std::max_element(e, e + 4));
+  }
+}
+
+namespace {
+// Shapes with several tiles of the blocked kernel (about 128 stacked rows = positions x G heads per
+// tile), every GQA ratio 1..4, head dims that are and are not multiples of the kernel's 16, keys that
+// do not fill the last 16-column panel, and each mask kind with pads, decode offsets, per-row masks.
+std::vector<Case> tiled_cases() {
+  return {
+      {"causal_pads_g2", 2, 150, 150, 4, 2, 32, {MaskDescriptor::causal(3), MaskDescriptor::causal(0)}},
+      {"training_pads_g1", 2, 163, 163, 2, 2, 20,
+       {MaskDescriptor::training(16, 35, 60, 8), MaskDescriptor::training(16, 51, 56, 0)}},
+      {"training_g4", 1, 130, 130, 4, 1, 16, {MaskDescriptor::training(4, 24, 52, 2)}},
+      {"block_decode_g3", 2, 100, 171, 6, 2, 24,
+       {MaskDescriptor::block_causal(8, 40, 5, 71), MaskDescriptor::block_causal(4, 37, 0, 70)}},
+      {"block_causal_shared_g2", 3, 140, 140, 4, 2, 8, {MaskDescriptor::block_causal(16, 25, 4)}},
+  };
+}
+
+struct Grads {
+  Tensor o, lse, dq, dk, dv;
+};
+
+Grads run_attention(const Case& c, DType dt, double scale, uint32_t seed) {
+  const Tensor q = qkv(c, 0, dt, seed), k = qkv(c, 1, dt, seed), v = qkv(c, 2, dt, seed);
+  const Tensor dout = test::random_tensor({c.B, c.Tq, c.Hq, c.D}, seed + 7, -1, 1, dt);
+  Grads g;
+  g.o = ops::attention_forward(q, k, v, c.masks, scale, &g.lse);
+  ops::attention_backward(q, k, v, g.o, g.lse, dout, c.masks, scale, g.dq, g.dk, g.dv);
+  return g;
+}
+
+bool same_bits(const Tensor& a, const Tensor& b) {
+  return a.dtype() == b.dtype() && a.numel() == b.numel() &&
+         std::memcmp(a.raw_data(), b.raw_data(), static_cast<size_t>(a.numel()) * dtype_size(a.dtype())) == 0;
+}
+
+// Elementwise: non-finite exactly where the reference is (the same Inf, or NaN), elsewhere within tol
+// of max |finite ref|.
+void expect_same_nonfinite(const Tensor& got, const Tensor& ref, double tol, const std::string& what) {
+  ASSERT_EQ(got.numel(), ref.numel()) << what;
+  double scale = 1e-12;
+  for (int64_t i = 0; i < ref.numel(); ++i)
+    if (std::isfinite(ref.item(i))) scale = std::max(scale, std::fabs(ref.item(i)));
+  int64_t bad = 0;
+  for (int64_t i = 0; i < ref.numel(); ++i) {
+    const double r = ref.item(i), g = got.item(i);
+    if (std::isnan(r)) {
+      ++bad;
+      EXPECT_TRUE(std::isnan(g)) << what << " element " << i << " is " << g << ", expected NaN";
+    } else if (std::isinf(r)) {
+      ++bad;
+      EXPECT_EQ(g, r) << what << " element " << i;
+    } else {
+      ASSERT_TRUE(std::isfinite(g)) << what << " element " << i << " is " << g << ", expected " << r;
+      ASSERT_LE(std::fabs(g - r), tol * scale) << what << " element " << i;
+    }
+  }
+  EXPECT_GT(bad, 0) << what << ": the reference is all finite, the case tests nothing";
+}
+}  // namespace
+
+TEST(AttentionBlocked, ManyTilesMatchDenseReference) {
+  for (const Case& c : tiled_cases()) {
+    const double scale = 1.0 / std::sqrt(double(c.D));
+    for (DType dt : {DType::f64, DType::f32}) {
+      const Tensor q = qkv(c, 0, dt, 51), k = qkv(c, 1, dt, 51), v = qkv(c, 2, dt, 51);
+      const Tensor dout = test::random_tensor({c.B, c.Tq, c.Hq, c.D}, 58, -1, 1, dt);
+      Tensor lse, dq, dk, dv, rq, rk, rv;
+      const Tensor o = ops::attention_forward(q, k, v, c.masks, scale, &lse);
+      ops::attention_backward(q, k, v, o, lse, dout, c.masks, scale, dq, dk, dv);
+      const Dense ref = dense_attention(q, k, v, c.masks, scale);
+      dense_backward(q, k, v, dout, c.masks, scale, rq, rk, rv);
+      const double tol = dt == DType::f64 ? 1e-13 : 1e-5;
+      const double e[5] = {test::max_rel_err(o, ref.o), test::max_rel_err(lse, ref.lse), test::max_rel_err(dq, rq),
+                           test::max_rel_err(dk, rk), test::max_rel_err(dv, rv)};
+      const char* what[5] = {"o", "lse", "dq", "dk", "dv"};
+      for (int i = 0; i < 5; ++i) EXPECT_LE(e[i], tol) << c.name << " " << what[i] << " " << dtype_name(dt);
+      record(c.name + "_" + dtype_name(dt) + "_rel_err", *std::max_element(e, e + 5));
+    }
+  }
+}
+
+TEST(AttentionBlocked, SameBitsForAnyThreadCount) {
+  const int saved = omp_get_max_threads();
+  for (const Case& c : {tiled_cases()[0], tiled_cases()[1], tiled_cases()[3]})
+    for (DType dt : {DType::f32, DType::f64}) {
+      omp_set_num_threads(1);
+      const Grads one = run_attention(c, dt, 0.3, 61);
+      for (int threads : {2, 3, 5}) {
+        omp_set_num_threads(threads);
+        const Grads many = run_attention(c, dt, 0.3, 61);
+        EXPECT_TRUE(same_bits(one.o, many.o)) << c.name << " o " << threads << " threads " << dtype_name(dt);
+        EXPECT_TRUE(same_bits(one.lse, many.lse)) << c.name << " lse " << threads << " threads";
+        EXPECT_TRUE(same_bits(one.dq, many.dq)) << c.name << " dq " << threads << " threads " << dtype_name(dt);
+        EXPECT_TRUE(same_bits(one.dk, many.dk)) << c.name << " dk " << threads << " threads " << dtype_name(dt);
+        EXPECT_TRUE(same_bits(one.dv, many.dv)) << c.name << " dv " << threads << " threads " << dtype_name(dt);
+      }
+    }
+  omp_set_num_threads(saved);
+}
+
+TEST(AttentionBlocked, NonFiniteValuesReachOnlyRowsAllowedToSeeThem) {
+  // Several tiles per batch row. Batch 0: NaN in dout of pad row 1, which attends to key 1 only, so
+  // only its dq and the dk, dv of key 1 become NaN. Batch 1: Inf in value 0 of kv head 0 (a pad key
+  // that only pad row 0 sees): only that row's outputs (heads of group 0), its dq and dk of key 0.
+  const Case c = tiled_cases()[0];
+  for (DType dt : {DType::f64, DType::f32}) {
+    const double scale = 0.2;
+    const Tensor q = qkv(c, 0, dt, 71), k = qkv(c, 1, dt, 71);
+    Tensor v = qkv(c, 2, dt, 71), dout = test::random_tensor({c.B, c.Tq, c.Hq, c.D}, 78, -1, 1, dt);
+    const MaskDescriptor pad3 = MaskDescriptor::causal(3);
+    const std::vector<MaskDescriptor> masks{pad3, pad3};
+    auto set = [](Tensor& t, int64_t at, double x) {
+      if (t.dtype() == DType::f64) t.data<double>()[at] = x;
+      else t.data<float>()[at] = static_cast<float>(x);
+    };
+    set(dout, (0 * c.Tq + 1) * c.Hq * c.D + 0 * c.D + 5, NAN);                // batch 0, row 1, head 0
+    set(v, (1 * c.Tk + 0) * c.Hkv * c.D + 0 * c.D + 3, INFINITY);             // batch 1, key 0, kv head 0
+    Tensor lse, dq, dk, dv, rq, rk, rv;
+    const Tensor o = ops::attention_forward(q, k, v, masks, scale, &lse);
+    ops::attention_backward(q, k, v, o, lse, dout, masks, scale, dq, dk, dv);
+    const Dense ref = dense_attention(q, k, v, masks, scale);
+    dense_backward(q, k, v, dout, masks, scale, rq, rk, rv);
+    const double tol = dt == DType::f64 ? 1e-13 : 1e-5;
+    const std::string n = std::string(" ") + dtype_name(dt);
+    expect_same_nonfinite(o, ref.o, tol, "o" + n);
+    expect_same_nonfinite(dq, rq, tol, "dq" + n);
+    expect_same_nonfinite(dk, rk, tol, "dk" + n);
+    expect_same_nonfinite(dv, rv, tol, "dv" + n);
   }
 }
 

@@ -1,24 +1,24 @@
 // CPU attention (GQA, mask descriptors): forward and backward side by side.
 //
-// Blocked kernel (every call whose inputs are finite). Work is split into tiles of one batch row, one
-// kv head and a run of query positions; the G = Hq/Hkv query heads of the group are stacked as the
-// tile's rows (row r = position * G + head), so K and V are read once per group. Each query row may see
-// at most two contiguous key ranges (MaskDescriptor::ranges), so a tile needs only the union of its
-// rows' ranges: those keys are gathered into the tile's columns and masked work outside them is never
-// done. Per tile: S = Q K^T and, in the backward, dP = dO V^T (register-blocked micro-kernels, AVX2+FMA
-// for f32 where the CPU has it, plain loops otherwise and for f64), a row-wise masked softmax, then
-// O = P V, or dQ = scale dS K and the tile's partial dK = scale dS^T Q, dV = P^T dO. Partials are summed
-// per key in tile order afterwards, so every output is bitwise the same for any thread count.
+// Work is split into tiles: one batch row, one kv head, a run of query positions. The G = Hq/Hkv query
+// heads of the group are stacked as the tile's rows (row r = position * G + head), so K and V are read
+// once per group. A query row sees at most two contiguous key ranges (MaskDescriptor::ranges), so a tile
+// needs only the union of its rows' ranges: those keys become the tile's columns, and keys outside them
+// are never touched. Per tile, blocked: S = Q K^T (and dP = dO V^T in the backward) by register-blocked
+// micro-kernels (AVX2+FMA for f32 where the CPU has it, portable loops otherwise and for f64), a masked
+// row softmax, then O = P V, or dQ = scale dS K and the tile's partial dK = scale dS^T Q, dV = P^T dO,
+// each kMR-row or kMR-column block restricted to the columns or rows that can be non-zero. Partial
+// dK/dV are summed per key in tile order afterwards: results are bitwise the same for any thread count.
 //
-// Exact kernel (inputs holding NaN or Inf): the per-row loop over allowed keys. The blocked kernel
-// multiplies masked entries (P = 0) with the keys, values, queries or gradients of other rows of its
-// tile, which only matters when those are not finite; the exact kernel reads allowed keys only.
+// Within a tile the blocked products multiply masked entries (P = dS = 0) with other rows' queries or
+// keys; that is exact for finite values only. A tile whose packed operands hold a NaN or Inf therefore
+// runs the per-row loop over each row's allowed keys instead, so a non-finite key still reaches exactly
+// the rows allowed to see it.
 #include "opdlm/ops/attention.hpp"
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <cstring>
 #include <limits>
 #include <string>
 #include <type_traits>
@@ -72,16 +72,6 @@ const MaskDescriptor& mask_of(std::span<const MaskDescriptor> masks, int64_t b) 
 }
 
 template <class T>
-bool all_finite(const Tensor& t) {
-  const T* p = t.data<T>();
-  const int64_t n = t.numel();
-  T acc = 0;  // x * 0 is 0 for finite x, NaN for Inf and NaN
-#pragma omp simd reduction(+ : acc)
-  for (int64_t i = 0; i < n; ++i) acc += p[i] * T(0);
-  return acc == T(0);
-}
-
-template <class T>
 inline T dotp(const T* a, const T* b, int64_t n) {
   T s = 0;
 #pragma omp simd reduction(+ : s)
@@ -95,175 +85,35 @@ inline void axpy(T* y, T a, const T* x, int64_t n) {
   for (int64_t i = 0; i < n; ++i) y[i] += a * x[i];
 }
 
-// ================================= exact kernel (non-finite inputs) =================================
+inline size_t idx(int64_t i) { return static_cast<size_t>(i); }
 
-constexpr int64_t kQTile = 16;  // query rows per forward / dq task
-constexpr int64_t kKTile = 32;  // keys per dk/dv task
+// ========================================= tiling =========================================
 
-// Accumulation happens in T itself: double for f64, float for f32 (max-subtracted softmax).
-template <class T>
-void exact_forward(const Dims& d, std::span<const MaskDescriptor> masks, T scale, const T* Q,
-                   const T* K, const T* V, T* O, T* LSE) {
-  const int64_t D = d.D, ks = d.Hkv * D;  // ks: stride between consecutive keys of one head
-  const int64_t n_tiles = (d.Tq + kQTile - 1) / kQTile;
-  const int64_t n_tasks = d.B * d.Hq * n_tiles;
-#pragma omp parallel if (d.parallel())
-  {
-    std::vector<T> sc(static_cast<size_t>(d.Tk)), acc(static_cast<size_t>(D));
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t task = 0; task < n_tasks; ++task) {
-      const int64_t tile = task % n_tiles, h = (task / n_tiles) % d.Hq, b = task / (n_tiles * d.Hq);
-      const MaskDescriptor& m = mask_of(masks, b);
-      const T* Kb = K + (b * d.Tk * d.Hkv + h / d.G) * D;
-      const T* Vb = V + (b * d.Tk * d.Hkv + h / d.G) * D;
-      for (int64_t i = tile * kQTile; i < std::min(d.Tq, (tile + 1) * kQTile); ++i) {
-        const int64_t row = (b * d.Tq + i) * d.Hq + h;
-        const T* qp = Q + row * D;
-        KeyRange r[2];
-        const int nr = m.ranges(i, d.Tk, r);
-        T mx = -std::numeric_limits<T>::infinity();
-        for (int ri = 0; ri < nr; ++ri)
-          for (int64_t j = r[ri].begin; j < r[ri].end; ++j) {
-            sc[j] = dotp(qp, Kb + j * ks, D) * scale;
-            mx = std::max(mx, sc[j]);
-          }
-        std::fill(acc.begin(), acc.end(), T(0));
-        T sum = 0;
-        for (int ri = 0; ri < nr; ++ri)
-          for (int64_t j = r[ri].begin; j < r[ri].end; ++j) {
-            const T p = std::exp(sc[j] - mx);
-            sum += p;
-            axpy(acc.data(), p, Vb + j * ks, D);
-          }
-        // Every row has >= 1 key and its max term is exp(0) = 1, so sum >= 1.
-        const T inv = T(1) / sum;
-        T* op = O + row * D;
-        for (int64_t e = 0; e < D; ++e) op[e] = acc[e] * inv;
-        LSE[(b * d.Hq + h) * d.Tq + i] = mx + std::log(sum);
-      }
-    }
-  }
-}
-
-// With p = exp(scale q.k - lse), dp = dout.v, delta = dout.o (= sum_k p dp), ds = p (dp - delta):
-//   dq = scale sum_k ds k,  dk = scale sum_q ds q,  dv = sum_q p dout.
-// Pass A owns dq rows (tasks over query tiles); pass B owns dk/dv rows (tasks over key tiles of one
-// kv head, visiting the G query heads of its group), so no two threads write the same element.
-template <class T>
-void exact_backward(const Dims& d, std::span<const MaskDescriptor> masks, T scale, const T* Q,
-                    const T* K, const T* V, const T* O, const T* LSE, const T* dO, T* dQ, T* dK,
-                    T* dV) {
-  const int64_t D = d.D, ks = d.Hkv * D;
-  std::vector<T> delta(static_cast<size_t>(d.B * d.Hq * d.Tq));
-
-  const int64_t n_qt = (d.Tq + kQTile - 1) / kQTile;
-  const int64_t n_a = d.B * d.Hq * n_qt;
-#pragma omp parallel if (d.parallel())
-  {
-    std::vector<T> acc(static_cast<size_t>(D));
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t task = 0; task < n_a; ++task) {
-      const int64_t tile = task % n_qt, h = (task / n_qt) % d.Hq, b = task / (n_qt * d.Hq);
-      const MaskDescriptor& m = mask_of(masks, b);
-      const T* Kb = K + (b * d.Tk * d.Hkv + h / d.G) * D;
-      const T* Vb = V + (b * d.Tk * d.Hkv + h / d.G) * D;
-      for (int64_t i = tile * kQTile; i < std::min(d.Tq, (tile + 1) * kQTile); ++i) {
-        const int64_t row = (b * d.Tq + i) * d.Hq + h, lrow = (b * d.Hq + h) * d.Tq + i;
-        const T* qp = Q + row * D;
-        const T* dop = dO + row * D;
-        const T dl = dotp(dop, O + row * D, D);
-        delta[lrow] = dl;
-        const T l = LSE[lrow];
-        std::fill(acc.begin(), acc.end(), T(0));
-        KeyRange r[2];
-        const int nr = m.ranges(i, d.Tk, r);
-        for (int ri = 0; ri < nr; ++ri)
-          for (int64_t j = r[ri].begin; j < r[ri].end; ++j) {
-            const T p = std::exp(dotp(qp, Kb + j * ks, D) * scale - l);
-            const T ds = p * (dotp(dop, Vb + j * ks, D) - dl);
-            axpy(acc.data(), ds, Kb + j * ks, D);
-          }
-        T* g = dQ + row * D;
-        for (int64_t e = 0; e < D; ++e) g[e] = acc[e] * scale;
-      }
-    }
-  }
-
-  const int64_t n_kt = (d.Tk + kKTile - 1) / kKTile;
-  const int64_t n_b = d.B * d.Hkv * n_kt;
-#pragma omp parallel if (d.parallel())
-  {
-    std::vector<T> acc_k(static_cast<size_t>(kKTile * D)), acc_v(static_cast<size_t>(kKTile * D));
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t task = 0; task < n_b; ++task) {
-      const int64_t tile = task % n_kt, hk = (task / n_kt) % d.Hkv, b = task / (n_kt * d.Hkv);
-      const int64_t k0 = tile * kKTile, k1 = std::min(d.Tk, k0 + kKTile);
-      const MaskDescriptor& m = mask_of(masks, b);
-      const T* Kb = K + (b * d.Tk * d.Hkv + hk) * D;
-      const T* Vb = V + (b * d.Tk * d.Hkv + hk) * D;
-      std::fill(acc_k.begin(), acc_k.end(), T(0));
-      std::fill(acc_v.begin(), acc_v.end(), T(0));
-      for (int64_t i = 0; i < d.Tq; ++i) {
-        KeyRange r[2];
-        const int nr = m.ranges(i, d.Tk, r);
-        for (int ri = 0; ri < nr; ++ri) {
-          const int64_t lo = std::max(r[ri].begin, k0), hi = std::min(r[ri].end, k1);
-          if (lo >= hi) continue;
-          for (int64_t h = hk * d.G; h < (hk + 1) * d.G; ++h) {
-            const int64_t row = (b * d.Tq + i) * d.Hq + h, lrow = (b * d.Hq + h) * d.Tq + i;
-            const T* qp = Q + row * D;
-            const T* dop = dO + row * D;
-            const T l = LSE[lrow], dl = delta[lrow];
-            for (int64_t j = lo; j < hi; ++j) {
-              const T p = std::exp(dotp(qp, Kb + j * ks, D) * scale - l);
-              const T ds = p * (dotp(dop, Vb + j * ks, D) - dl);
-              axpy(acc_v.data() + (j - k0) * D, p, dop, D);
-              axpy(acc_k.data() + (j - k0) * D, ds, qp, D);
-            }
-          }
-        }
-      }
-      for (int64_t j = k0; j < k1; ++j) {
-        T* gk = dK + ((b * d.Tk + j) * d.Hkv + hk) * D;
-        T* gv = dV + ((b * d.Tk + j) * d.Hkv + hk) * D;
-        for (int64_t e = 0; e < D; ++e) {
-          gk[e] = acc_k[(j - k0) * D + e] * scale;
-          gv[e] = acc_v[(j - k0) * D + e];
-        }
-      }
-    }
-  }
-}
-
-// ====================================== blocked kernel ======================================
-
-constexpr int64_t kMR = 4;          // rows of a micro-kernel tile
-constexpr int64_t kNR = 16;         // key columns of a packed panel (S micro-kernel width)
-constexpr int64_t kDB = 16;         // head-dim columns per micro-kernel pass (head dim padded to it)
-constexpr int64_t kTileRows = 64;   // target stacked rows (query positions x G heads) per tile
+constexpr int64_t kMR = 4;          // rows of a micro-kernel block
+constexpr int64_t kNR = 16;         // key columns per packed panel (S micro-kernel width)
+constexpr int64_t kDB = 16;         // head-dim columns per micro-kernel pass (the head dim is padded to it)
+constexpr int64_t kTileRows = 128;  // target stacked rows (query positions x G heads) per tile
 constexpr int64_t kRedKeys = 64;    // keys per dK/dV reduction task
 
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
-// Allowed columns of one query position in its tile: [a0, e0) and [a1, e1) (a1 == e1 == e0: one range).
+// Allowed columns of one query position of a tile: [a0, e0) and [a1, e1) (a1 == e1 == e0: one range).
 struct RowCols {
   int64_t a0, e0, a1, e1;
 };
 
-// A tile's query positions [i0, i1) of batch row b and the union of their keys as ascending disjoint
-// intervals; the tile's column c is key iv[u].begin + (c - base[u]) for the interval u holding it.
+// Query positions [i0, i1) of batch row b and the union of their keys as ascending, disjoint intervals;
+// the tile's column c holds key iv[u].begin + (c - base[u]) for the interval u containing it.
 struct TileGeom {
   int64_t b, i0, i1, n;
   std::vector<KeyRange> iv;
   std::vector<int64_t> base;
 };
 
-// Query positions per tile: about kTileRows stacked rows. Depends on the shape only, never on the
-// thread count, so the tiling (and every summation order) is fixed.
-int64_t tile_positions(const Dims& d) { return std::max<int64_t>(1, (kTileRows + d.G - 1) / d.G); }
-
+// About kTileRows stacked rows per tile. The tiling depends on the shape and masks only, never on the
+// thread count, so every summation order is fixed.
 std::vector<TileGeom> plan_tiles(const Dims& d, std::span<const MaskDescriptor> masks) {
-  const int64_t tq = tile_positions(d);
+  const int64_t tq = std::max<int64_t>(1, (kTileRows + d.G - 1) / d.G);
   std::vector<TileGeom> tiles;
   std::vector<KeyRange> rs;
   for (int64_t b = 0; b < d.B; ++b) {
@@ -274,7 +124,7 @@ std::vector<TileGeom> plan_tiles(const Dims& d, std::span<const MaskDescriptor> 
       for (int64_t i = g.i0; i < g.i1; ++i) {
         KeyRange r[2];
         const int nr = m.ranges(i, d.Tk, r);
-        for (int k = 0; k < nr; ++k) rs.push_back(r[k]);
+        rs.insert(rs.end(), r, r + nr);
       }
       std::sort(rs.begin(), rs.end(), [](const KeyRange& x, const KeyRange& y) { return x.begin < y.begin; });
       for (const KeyRange& r : rs) {
@@ -291,43 +141,44 @@ std::vector<TileGeom> plan_tiles(const Dims& d, std::span<const MaskDescriptor> 
   return tiles;
 }
 
-// Column of key j (inside one of the tile's intervals).
+// Column of key j, which lies in one of the tile's intervals (every row range does).
 int64_t column_of(const TileGeom& g, int64_t j) {
-  for (size_t u = 0; u < g.iv.size(); ++u)
-    if (j >= g.iv[u].begin && j < g.iv[u].end) return g.base[u] + (j - g.iv[u].begin);
-  return 0;  // unreachable: every row range lies inside the union
+  size_t u = 0;
+  while (u + 1 < g.iv.size() && j >= g.iv[u].end) ++u;
+  return g.base[u] + (j - g.iv[u].begin);
 }
 
 void row_columns(const MaskDescriptor& m, const TileGeom& g, int64_t tk, std::vector<RowCols>& out) {
-  out.resize(static_cast<size_t>(g.i1 - g.i0));
+  out.resize(idx(g.i1 - g.i0));
   for (int64_t i = g.i0; i < g.i1; ++i) {
     KeyRange r[2];
     const int nr = m.ranges(i, tk, r);
-    RowCols rc;
-    rc.a0 = column_of(g, r[0].begin);
-    rc.e0 = rc.a0 + (r[0].end - r[0].begin);
+    RowCols c;
+    c.a0 = column_of(g, r[0].begin);
+    c.e0 = c.a0 + (r[0].end - r[0].begin);
+    c.a1 = c.e1 = c.e0;
     if (nr == 2) {
-      rc.a1 = column_of(g, r[1].begin);
-      rc.e1 = rc.a1 + (r[1].end - r[1].begin);
-    } else {
-      rc.a1 = rc.e1 = rc.e0;
+      c.a1 = column_of(g, r[1].begin);
+      c.e1 = c.a1 + (r[1].end - r[1].begin);
     }
-    out[static_cast<size_t>(i - g.i0)] = rc;
+    out[idx(i - g.i0)] = c;
   }
 }
 
-// 64-byte aligned scratch that only grows; one per thread and dtype, kept across calls.
+// 64-byte aligned scratch that only grows.
 template <class T>
 struct Buf {
   std::vector<T> v;
   T* get(int64_t n) {
-    const size_t need = static_cast<size_t>(n) + 64 / sizeof(T);
+    const size_t need = idx(n) + 64 / sizeof(T);
     if (v.size() < need) v.resize(need);
     const auto p = reinterpret_cast<uintptr_t>(v.data());
     return reinterpret_cast<T*>((p + 63) & ~uintptr_t(63));
   }
 };
 
+// Per-thread scratch, kept across calls (OpenMP reuses its threads): no allocation or page faults
+// per call.
 template <class T>
 struct Scratch {
   Buf<T> qp, dop, kp, vp, kr, vr, s, dp, acc;
@@ -340,60 +191,67 @@ Scratch<T>& thread_scratch() {
   return s;
 }
 
-// Rows of the tile's stacked matrix from X [B, Tq, Hq, D] (q, dout): out [Rp, Dp], zero padded.
+// ---- packing; each returns whether every value it read is finite ----
+
+// Rows of the tile's stacked matrix from X [B, Tq, Hq, D] (q or dout): out [Rp, Dp], zero padded.
 template <class T>
-void pack_query_rows(const Dims& d, const T* X, const TileGeom& g, int64_t hk, int64_t Rp, int64_t Dp, T* out) {
-  const int64_t R = (g.i1 - g.i0) * d.G;
+bool pack_query_rows(const Dims& d, const T* X, const TileGeom& g, int64_t hk, int64_t Rp, int64_t Dp, T* out) {
+  const int64_t R = (g.i1 - g.i0) * d.G, D = d.D;
+  T zero = 0;  // x * 0 is 0 for finite x, NaN otherwise
   for (int64_t r = 0; r < Rp; ++r) {
     T* o = out + r * Dp;
-    int64_t e = 0;
     if (r < R) {
-      const T* src = X + ((g.b * d.Tq + g.i0 + r / d.G) * d.Hq + hk * d.G + r % d.G) * d.D;
-      for (; e < d.D; ++e) o[e] = src[e];
+      const T* src = X + ((g.b * d.Tq + g.i0 + r / d.G) * d.Hq + hk * d.G + r % d.G) * D;
+#pragma omp simd reduction(+ : zero)
+      for (int64_t e = 0; e < D; ++e) {
+        o[e] = src[e];
+        zero += src[e] * T(0);
+      }
+      std::fill(o + D, o + Dp, T(0));
+    } else {
+      std::fill(o, o + Dp, T(0));
     }
-    for (; e < Dp; ++e) o[e] = T(0);
   }
+  return zero == T(0);
 }
 
-// The tile's key columns of X [B, Tk, Hkv, D] (k, v): as rows [Np, Dp] and/or as panels of kNR columns
-// [Np / kNR][Dp][kNR] (the layout of the S micro-kernel's right operand); zero padded.
+// The tile's key columns of X [B, Tk, Hkv, D] (k or v) as rows: out [Np, Dp], zero padded.
 template <class T>
-void pack_key_columns(const Dims& d, const T* X, const TileGeom& g, int64_t hk, int64_t Np, int64_t Dp,
-                      T* rows, T* panels) {
-  auto put = [&](int64_t c, const T* src) {
-    if (rows) {
-      T* o = rows + c * Dp;
-      int64_t e = 0;
-      if (src)
-        for (; e < d.D; ++e) o[e] = src[e];
-      for (; e < Dp; ++e) o[e] = T(0);
-    }
-    if (panels) {
-      T* o = panels + (c / kNR) * Dp * kNR + c % kNR;
-      int64_t e = 0;
-      if (src)
-        for (; e < d.D; ++e) o[e * kNR] = src[e];
-      for (; e < Dp; ++e) o[e * kNR] = T(0);
-    }
-  };
+bool pack_key_rows(const Dims& d, const T* X, const TileGeom& g, int64_t hk, int64_t Np, int64_t Dp, T* out) {
+  const int64_t D = d.D;
+  T zero = 0;
   for (size_t u = 0; u < g.iv.size(); ++u)
-    for (int64_t j = g.iv[u].begin; j < g.iv[u].end; ++j)
-      put(g.base[u] + (j - g.iv[u].begin), X + ((g.b * d.Tk + j) * d.Hkv + hk) * d.D);
-  for (int64_t c = g.n; c < Np; ++c) put(c, nullptr);
+    for (int64_t j = g.iv[u].begin; j < g.iv[u].end; ++j) {
+      const T* src = X + ((g.b * d.Tk + j) * d.Hkv + hk) * D;
+      T* o = out + (g.base[u] + j - g.iv[u].begin) * Dp;
+#pragma omp simd reduction(+ : zero)
+      for (int64_t e = 0; e < D; ++e) {
+        o[e] = src[e];
+        zero += src[e] * T(0);
+      }
+      std::fill(o + D, o + Dp, T(0));
+    }
+  std::fill(out + g.n * Dp, out + Np * Dp, T(0));
+  return zero == T(0);
 }
 
 // ---- micro-kernels: portable loops (f64, and f32 on CPUs without AVX2/FMA) ----
 //
-// gemm_nt: C[i][c] = sum_k A[i*lda + k] * B(k, c) for kMR rows i and the columns of panels [p0, p1) of
-//          B (panel p holds columns [p*kNR, (p+1)*kNR) as [dp][kNR]).
-// gemm_nn: C[i*ldc + j] = alpha * sum_{k in [k0, k1)} A[i*sam + k*sak] * B[k*ldb + j] for kMR rows i,
+// panels:  rows [Np][Dp] -> panels [Np/kNR][Dp][kNR] (the S micro-kernel's right operand).
+// gemm_nt: C[i][c] = sum_k A[i*lda + k] * B(k, c) for kMR rows i and the columns of panels [p0, p1).
+// gemm_nn: C[i*ldc + j] = alpha * sum_{k in [k0, k1)} A[i*sam + k*sak] * B[k*ldb + j] for kMR rows i and
 //          j < n (a multiple of kDB). With sam = 1, sak = ld it multiplies by A's transpose.
 // row_fwd: one softmax row: s *= scale on the allowed columns, mx = their max, s = exp(s - mx) there and
-//          0 elsewhere in [lo, hi), sum = sum of the exps.
-// row_bwd: p = exp(s*scale - lse), ds = p (dp - delta) on the allowed columns (into s and dp), 0 on the
-//          others of [0, np).
+//          0 on the other columns of [lo, hi); sum = sum of the exps.
+// row_bwd: p = exp(s*scale - lse) and ds = p (dp - delta) on the allowed columns (into s and dp), 0 on
+//          the others of [0, np).
 template <class T>
 struct PortableOps {
+  static void panels(const T* rows, int64_t Np, int64_t Dp, T* out) {
+    for (int64_t p = 0; p < Np / kNR; ++p)
+      for (int64_t k = 0; k < Dp; ++k)
+        for (int64_t c = 0; c < kNR; ++c) out[(p * Dp + k) * kNR + c] = rows[(p * kNR + c) * Dp + k];
+  }
   static void gemm_nt(const T* A, int64_t lda, const T* B, int64_t p0, int64_t p1, int64_t dp, T* C, int64_t ldc) {
     for (int64_t p = p0; p < p1; ++p)
       for (int64_t i = 0; i < kMR; ++i) {
@@ -427,10 +285,10 @@ struct PortableOps {
         s[j] *= scale;
         m = std::max(m, s[j]);
       }
-    T z = 0;
     std::fill(s + lo, s + rc.a0, T(0));
     std::fill(s + rc.e0, s + rc.a1, T(0));
     std::fill(s + rc.e1, s + hi, T(0));
+    T z = 0;
     for (int k = 0; k < 2; ++k)
       for (int64_t j = beg[k]; j < end[k]; ++j) {
         s[j] = std::exp(s[j] - m);
@@ -458,8 +316,8 @@ struct PortableOps {
 #ifdef OPDLM_ATTN_X86
 #define OPDLM_AVX2 __attribute__((target("avx2,fma")))
 
-// exp for x <= 88 (Cephes expf: x = n ln2 + r, |r| <= ln2/2, degree-6 polynomial; ~1 ulp);
-// 0 below -87.3 (where expf is subnormal).
+// expf for x <= 88 (Cephes: x = n ln2 + r, |r| <= ln2/2, degree-6 polynomial, about 1 ulp); 0 below
+// -87.3, where expf is subnormal.
 OPDLM_AVX2 inline __m256 exp256(__m256 x) {
   const __m256 lo = _mm256_set1_ps(-87.3f);
   const __m256 under = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
@@ -499,6 +357,42 @@ OPDLM_AVX2 inline __m256i lanes(int64_t n) {
 }
 
 struct Avx2Ops {
+  OPDLM_AVX2 static void panels(const float* rows, int64_t Np, int64_t Dp, float* out) {
+    for (int64_t c0 = 0; c0 < Np; c0 += 8)
+      for (int64_t k0 = 0; k0 < Dp; k0 += 8) {  // 8 x 8 transpose: rows c0.., dims k0.. -> dims, columns
+        const float* src = rows + c0 * Dp + k0;
+        __m256 r0 = _mm256_load_ps(src), r1 = _mm256_load_ps(src + Dp), r2 = _mm256_load_ps(src + 2 * Dp),
+               r3 = _mm256_load_ps(src + 3 * Dp), r4 = _mm256_load_ps(src + 4 * Dp),
+               r5 = _mm256_load_ps(src + 5 * Dp), r6 = _mm256_load_ps(src + 6 * Dp),
+               r7 = _mm256_load_ps(src + 7 * Dp);
+        const __m256 t0 = _mm256_unpacklo_ps(r0, r1), t1 = _mm256_unpackhi_ps(r0, r1),
+                     t2 = _mm256_unpacklo_ps(r2, r3), t3 = _mm256_unpackhi_ps(r2, r3),
+                     t4 = _mm256_unpacklo_ps(r4, r5), t5 = _mm256_unpackhi_ps(r4, r5),
+                     t6 = _mm256_unpacklo_ps(r6, r7), t7 = _mm256_unpackhi_ps(r6, r7);
+        const __m256 u0 = _mm256_shuffle_ps(t0, t2, 0x44), u1 = _mm256_shuffle_ps(t0, t2, 0xEE),
+                     u2 = _mm256_shuffle_ps(t1, t3, 0x44), u3 = _mm256_shuffle_ps(t1, t3, 0xEE),
+                     u4 = _mm256_shuffle_ps(t4, t6, 0x44), u5 = _mm256_shuffle_ps(t4, t6, 0xEE),
+                     u6 = _mm256_shuffle_ps(t5, t7, 0x44), u7 = _mm256_shuffle_ps(t5, t7, 0xEE);
+        r0 = _mm256_permute2f128_ps(u0, u4, 0x20);
+        r1 = _mm256_permute2f128_ps(u1, u5, 0x20);
+        r2 = _mm256_permute2f128_ps(u2, u6, 0x20);
+        r3 = _mm256_permute2f128_ps(u3, u7, 0x20);
+        r4 = _mm256_permute2f128_ps(u0, u4, 0x31);
+        r5 = _mm256_permute2f128_ps(u1, u5, 0x31);
+        r6 = _mm256_permute2f128_ps(u2, u6, 0x31);
+        r7 = _mm256_permute2f128_ps(u3, u7, 0x31);
+        float* dst = out + ((c0 / kNR) * Dp + k0) * kNR + c0 % kNR;
+        _mm256_store_ps(dst, r0);
+        _mm256_store_ps(dst + kNR, r1);
+        _mm256_store_ps(dst + 2 * kNR, r2);
+        _mm256_store_ps(dst + 3 * kNR, r3);
+        _mm256_store_ps(dst + 4 * kNR, r4);
+        _mm256_store_ps(dst + 5 * kNR, r5);
+        _mm256_store_ps(dst + 6 * kNR, r6);
+        _mm256_store_ps(dst + 7 * kNR, r7);
+      }
+  }
+
   OPDLM_AVX2 static void gemm_nt(const float* A, int64_t lda, const float* B, int64_t p0, int64_t p1, int64_t dp,
                                  float* C, int64_t ldc) {
     const float *a0 = A, *a1 = A + lda, *a2 = A + 2 * lda, *a3 = A + 3 * lda;
@@ -542,7 +436,7 @@ struct Avx2Ops {
       const float* a = A + k0 * sak;
       const float* b = B + k0 * ldb + j;
       for (int64_t k = k0; k < k1; ++k, a += sak, b += ldb) {
-        const __m256 b0 = _mm256_loadu_ps(b), b1 = _mm256_loadu_ps(b + 8);
+        const __m256 b0 = _mm256_load_ps(b), b1 = _mm256_load_ps(b + 8);
         __m256 x = _mm256_broadcast_ss(a);
         c00 = _mm256_fmadd_ps(x, b0, c00);
         c01 = _mm256_fmadd_ps(x, b1, c01);
@@ -644,14 +538,92 @@ bool cpu_has_avx2_fma() {
 }
 #endif  // OPDLM_ATTN_X86
 
-// Range of columns that kMR-row block rb of a tile touches: the hull of its real rows' allowed columns.
-inline void block_columns(const std::vector<RowCols>& rc, int64_t rb, int64_t R, int64_t G, int64_t* lo, int64_t* hi) {
+// ================================= per-row path (non-finite tiles) =================================
+
+// Accumulation happens in T itself: double for f64, float for f32 (max-subtracted softmax).
+template <class T>
+void forward_rows(const Dims& d, const MaskDescriptor& m, const TileGeom& g, int64_t hk, T scale, const T* Q,
+                  const T* K, const T* V, T* O, T* LSE, T* sc, T* acc) {
+  const int64_t D = d.D, ks = d.Hkv * D;  // ks: stride between consecutive keys of one head
+  const T* Kb = K + (g.b * d.Tk * d.Hkv + hk) * D;
+  const T* Vb = V + (g.b * d.Tk * d.Hkv + hk) * D;
+  for (int64_t i = g.i0; i < g.i1; ++i) {
+    KeyRange r[2];
+    const int nr = m.ranges(i, d.Tk, r);
+    for (int64_t h = hk * d.G; h < (hk + 1) * d.G; ++h) {
+      const int64_t row = (g.b * d.Tq + i) * d.Hq + h;
+      const T* qp = Q + row * D;
+      T mx = -std::numeric_limits<T>::infinity();
+      for (int ri = 0; ri < nr; ++ri)
+        for (int64_t j = r[ri].begin; j < r[ri].end; ++j) {
+          sc[j] = dotp(qp, Kb + j * ks, D) * scale;
+          mx = std::max(mx, sc[j]);
+        }
+      std::fill(acc, acc + D, T(0));
+      T sum = 0;
+      for (int ri = 0; ri < nr; ++ri)
+        for (int64_t j = r[ri].begin; j < r[ri].end; ++j) {
+          const T p = std::exp(sc[j] - mx);
+          sum += p;
+          axpy(acc, p, Vb + j * ks, D);
+        }
+      const T inv = T(1) / sum;
+      T* op = O + row * D;
+      for (int64_t e = 0; e < D; ++e) op[e] = acc[e] * inv;
+      LSE[(g.b * d.Hq + h) * d.Tq + i] = mx + std::log(sum);
+    }
+  }
+}
+
+// dq rows of the tile and its partial dk, dv in part [2][Np][Dp], from each row's allowed keys only.
+template <class T>
+void backward_rows(const Dims& d, const MaskDescriptor& m, const TileGeom& g, int64_t hk, T scale, const T* Q,
+                   const T* K, const T* V, const T* O, const T* LSE, const T* dO, T* dQ, T* part, int64_t Np,
+                   int64_t Dp, T* acc) {
+  const int64_t D = d.D, ks = d.Hkv * D;
+  const T* Kb = K + (g.b * d.Tk * d.Hkv + hk) * D;
+  const T* Vb = V + (g.b * d.Tk * d.Hkv + hk) * D;
+  T* pk = part;
+  T* pv = part + Np * Dp;
+  std::fill(part, part + 2 * Np * Dp, T(0));
+  for (int64_t i = g.i0; i < g.i1; ++i) {
+    KeyRange r[2];
+    const int nr = m.ranges(i, d.Tk, r);
+    for (int64_t h = hk * d.G; h < (hk + 1) * d.G; ++h) {
+      const int64_t row = (g.b * d.Tq + i) * d.Hq + h;
+      const T* qp = Q + row * D;
+      const T* dop = dO + row * D;
+      const T dl = dotp(dop, O + row * D, D), l = LSE[(g.b * d.Hq + h) * d.Tq + i];
+      std::fill(acc, acc + D, T(0));
+      for (int ri = 0; ri < nr; ++ri) {
+        const int64_t c0 = column_of(g, r[ri].begin) - r[ri].begin;
+        for (int64_t j = r[ri].begin; j < r[ri].end; ++j) {
+          const T p = std::exp(dotp(qp, Kb + j * ks, D) * scale - l);
+          const T ds = p * (dotp(dop, Vb + j * ks, D) - dl);
+          axpy(acc, ds, Kb + j * ks, D);
+          axpy(pk + (c0 + j) * Dp, ds, qp, D);
+          axpy(pv + (c0 + j) * Dp, p, dop, D);
+        }
+      }
+      T* gq = dQ + row * D;
+      for (int64_t e = 0; e < D; ++e) gq[e] = acc[e] * scale;
+    }
+  }
+  for (int64_t c = 0; c < g.n; ++c)
+    for (int64_t e = 0; e < D; ++e) pk[c * Dp + e] *= scale;
+}
+
+// ======================================= tile kernels =======================================
+
+// Hull of the allowed columns of the real rows of kMR-row block rb.
+inline void block_columns(const std::vector<RowCols>& rc, int64_t rb, int64_t R, int64_t G, int64_t* lo,
+                          int64_t* hi) {
   *lo = std::numeric_limits<int64_t>::max();
   *hi = 0;
   for (int64_t r = rb * kMR; r < std::min(R, (rb + 1) * kMR); ++r) {
-    const RowCols& c = rc[static_cast<size_t>(r / G)];
+    const RowCols& c = rc[idx(r / G)];
     *lo = std::min(*lo, c.a0);
-    *hi = std::max(*hi, c.e1);  // e1 >= e0 (e1 == e0 for a one-range row)
+    *hi = std::max(*hi, c.e1);  // e1 >= e0
   }
 }
 
@@ -660,15 +632,19 @@ void forward_tile(const Dims& d, const MaskDescriptor& m, const TileGeom& g, int
                   const T* K, const T* V, T* O, T* LSE, Scratch<T>& sc) {
   const int64_t G = d.G, D = d.D, Dp = round_up(D, kDB), R = (g.i1 - g.i0) * G, Rp = round_up(R, kMR);
   const int64_t Np = round_up(g.n, kNR);
-  row_columns(m, g, d.Tk, sc.rc);
   T* qp = sc.qp.get(Rp * Dp);
-  T* kp = sc.kp.get(Np * Dp);
+  T* kr = sc.kr.get(Np * Dp);
   T* vr = sc.vr.get(Np * Dp);
+  // Non-finite queries only reach their own rows here; keys and values could reach other rows.
+  pack_query_rows(d, Q, g, hk, Rp, Dp, qp);
+  const bool finite = pack_key_rows(d, K, g, hk, Np, Dp, kr) && pack_key_rows(d, V, g, hk, Np, Dp, vr);
+  if (!finite)
+    return forward_rows(d, m, g, hk, scale, Q, K, V, O, LSE, sc.s.get(d.Tk), sc.acc.get(D));
+  row_columns(m, g, d.Tk, sc.rc);
+  T* kp = sc.kp.get(Np * Dp);
   T* s = sc.s.get(kMR * Np);
   T* acc = sc.acc.get(kMR * Dp);
-  pack_query_rows(d, Q, g, hk, Rp, Dp, qp);
-  pack_key_columns<T>(d, K, g, hk, Np, Dp, nullptr, kp);
-  pack_key_columns<T>(d, V, g, hk, Np, Dp, vr, nullptr);
+  Ops::panels(kr, Np, Dp, kp);
   T mx[kMR], sum[kMR];
   for (int64_t rb = 0; rb < Rp / kMR; ++rb) {
     int64_t lo, hi;
@@ -676,7 +652,7 @@ void forward_tile(const Dims& d, const MaskDescriptor& m, const TileGeom& g, int
     Ops::gemm_nt(qp + rb * kMR * Dp, Dp, kp, lo / kNR, (hi + kNR - 1) / kNR, Dp, s, Np);
     const int64_t nr = std::min(kMR, R - rb * kMR);
     for (int64_t i = 0; i < nr; ++i)
-      Ops::row_fwd(s + i * Np, lo, hi, sc.rc[static_cast<size_t>((rb * kMR + i) / G)], scale, &mx[i], &sum[i]);
+      Ops::row_fwd(s + i * Np, lo, hi, sc.rc[idx((rb * kMR + i) / G)], scale, &mx[i], &sum[i]);
     for (int64_t i = nr; i < kMR; ++i) std::fill(s + i * Np + lo, s + i * Np + hi, T(0));
     Ops::gemm_nn(s, Np, 1, lo, hi, vr, Dp, Dp, acc, Dp, T(1));
     for (int64_t i = 0; i < nr; ++i) {
@@ -690,27 +666,33 @@ void forward_tile(const Dims& d, const MaskDescriptor& m, const TileGeom& g, int
   }
 }
 
-// Writes dq rows of the tile and its partial dk, dv (scaled like the outputs) for its columns into
-// part [2][Np][Dp].
+// With p = exp(scale q.k - lse), dp = dout.v, delta = dout.o (= sum_k p dp), ds = p (dp - delta):
+//   dq = scale sum_k ds k,  dk = scale sum_q ds q,  dv = sum_q p dout.
+// Writes the tile's dq rows and its partial dk, dv for its columns into part [2][Np][Dp].
 template <class T, class Ops>
 void backward_tile(const Dims& d, const MaskDescriptor& m, const TileGeom& g, int64_t hk, T scale, const T* Q,
                    const T* K, const T* V, const T* O, const T* LSE, const T* dO, T* dQ, T* part,
                    Scratch<T>& sc) {
   const int64_t G = d.G, D = d.D, Dp = round_up(D, kDB), R = (g.i1 - g.i0) * G, Rp = round_up(R, kMR);
   const int64_t Np = round_up(g.n, kNR);
-  row_columns(m, g, d.Tk, sc.rc);
   T* qp = sc.qp.get(Rp * Dp);
   T* dop = sc.dop.get(Rp * Dp);
+  T* kr = sc.kr.get(Np * Dp);
+  T* vr = sc.vr.get(Np * Dp);
+  // Every operand meets other rows or columns in dk and dv.
+  bool finite = pack_query_rows(d, Q, g, hk, Rp, Dp, qp);
+  finite = pack_query_rows(d, dO, g, hk, Rp, Dp, dop) && finite;
+  finite = pack_key_rows(d, K, g, hk, Np, Dp, kr) && finite;
+  finite = pack_key_rows(d, V, g, hk, Np, Dp, vr) && finite;
+  if (!finite) return backward_rows(d, m, g, hk, scale, Q, K, V, O, LSE, dO, dQ, part, Np, Dp, sc.acc.get(D));
+  row_columns(m, g, d.Tk, sc.rc);
   T* kp = sc.kp.get(Np * Dp);
   T* vp = sc.vp.get(Np * Dp);
-  T* kr = sc.kr.get(Np * Dp);
   T* s = sc.s.get(Rp * Np);
   T* dp = sc.dp.get(Rp * Np);
   T* acc = sc.acc.get(kMR * Dp);
-  pack_query_rows(d, Q, g, hk, Rp, Dp, qp);
-  pack_query_rows(d, dO, g, hk, Rp, Dp, dop);
-  pack_key_columns<T>(d, K, g, hk, Np, Dp, kr, kp);
-  pack_key_columns<T>(d, V, g, hk, Np, Dp, nullptr, vp);
+  Ops::panels(kr, Np, Dp, kp);
+  Ops::panels(vr, Np, Dp, vp);
   // P and dS of every row (0 outside its keys), dq per row block.
   for (int64_t rb = 0; rb < Rp / kMR; ++rb) {
     int64_t lo, hi;
@@ -724,8 +706,8 @@ void backward_tile(const Dims& d, const MaskDescriptor& m, const TileGeom& g, in
       const int64_t r = rb * kMR + i, pos = g.i0 + r / G, h = hk * G + r % G;
       const int64_t row = (g.b * d.Tq + pos) * d.Hq + h;
       const T delta = dotp(dO + row * D, O + row * D, D);
-      Ops::row_bwd(sb + i * Np, db + i * Np, Np, sc.rc[static_cast<size_t>(r / G)], scale,
-                   LSE[(g.b * d.Hq + h) * d.Tq + pos], delta);
+      Ops::row_bwd(sb + i * Np, db + i * Np, Np, sc.rc[idx(r / G)], scale, LSE[(g.b * d.Hq + h) * d.Tq + pos],
+                   delta);
     }
     for (int64_t i = nr; i < kMR; ++i) {
       std::fill(sb + i * Np, sb + (i + 1) * Np, T(0));
@@ -734,44 +716,44 @@ void backward_tile(const Dims& d, const MaskDescriptor& m, const TileGeom& g, in
     Ops::gemm_nn(db, Np, 1, lo, hi, kr, Dp, Dp, acc, Dp, scale);
     for (int64_t i = 0; i < nr; ++i) {
       const int64_t r = rb * kMR + i, pos = g.i0 + r / G, h = hk * G + r % G;
-      T* o = dQ + ((g.b * d.Tq + pos) * d.Hq + h) * D;
-      for (int64_t e = 0; e < D; ++e) o[e] = acc[i * Dp + e];
+      std::copy(acc + i * Dp, acc + i * Dp + D, dQ + ((g.b * d.Tq + pos) * d.Hq + h) * D);
     }
   }
-  // dk = scale dS^T Q and dv = P^T dO over the rows that see each block of kMR columns.
-  T* pk = part;
-  T* pv = part + Np * Dp;
+  // dk = scale dS^T Q and dv = P^T dO for each block of kMR columns, over the rows that may see it: the
+  // first to the last query position with an allowed column in the block.
   const int64_t npos = g.i1 - g.i0;
   for (int64_t c0 = 0; c0 < Np; c0 += kMR) {
     const int64_t c1 = c0 + kMR;
     int64_t first = npos, last = -1;
     for (int64_t p = 0; p < npos; ++p) {
-      const RowCols& c = sc.rc[static_cast<size_t>(p)];
+      const RowCols& c = sc.rc[idx(p)];
       if ((c.a0 < c1 && c.e0 > c0) || (c.a1 < c1 && c.e1 > c0)) {
         first = std::min(first, p);
         last = p;
       }
     }
-    const int64_t r0 = first * G, r1 = (last + 1) * G;  // empty (r0 >= r1) for padding columns
-    Ops::gemm_nn(dp + c0, 1, Np, r0, std::max(r0, r1), qp, Dp, Dp, pk + c0 * Dp, Dp, scale);
-    Ops::gemm_nn(s + c0, 1, Np, r0, std::max(r0, r1), dop, Dp, Dp, pv + c0 * Dp, Dp, T(1));
+    const int64_t r0 = first * G, r1 = std::max(r0, (last + 1) * G);  // empty for padding columns
+    Ops::gemm_nn(dp + c0, 1, Np, r0, r1, qp, Dp, Dp, part + c0 * Dp, Dp, scale);
+    Ops::gemm_nn(s + c0, 1, Np, r0, r1, dop, Dp, Dp, part + (Np + c0) * Dp, Dp, T(1));
   }
 }
 
-// Tasks (tile, kv head), largest tiles first so dynamic scheduling balances causal shapes.
+// ======================================= drivers =======================================
+
+// Tasks (tile, kv head) as t * Hkv + hk, largest tiles first so dynamic scheduling balances causal shapes.
 std::vector<int64_t> task_order(const std::vector<TileGeom>& tiles, int64_t hkv) {
-  std::vector<int64_t> order(tiles.size() * static_cast<size_t>(hkv));
+  std::vector<int64_t> order(tiles.size() * idx(hkv));
   for (size_t t = 0; t < order.size(); ++t) order[t] = static_cast<int64_t>(t);
   std::stable_sort(order.begin(), order.end(), [&](int64_t x, int64_t y) {
-    const TileGeom &a = tiles[static_cast<size_t>(x / hkv)], &b = tiles[static_cast<size_t>(y / hkv)];
+    const TileGeom &a = tiles[idx(x / hkv)], &b = tiles[idx(y / hkv)];
     return a.n * (a.i1 - a.i0) > b.n * (b.i1 - b.i0);
   });
   return order;
 }
 
 template <class T, class Ops>
-void blocked_forward(const Dims& d, std::span<const MaskDescriptor> masks, T scale, const T* Q, const T* K,
-                     const T* V, T* O, T* LSE) {
+void forward_kernel(const Dims& d, std::span<const MaskDescriptor> masks, T scale, const T* Q, const T* K,
+                    const T* V, T* O, T* LSE) {
   const std::vector<TileGeom> tiles = plan_tiles(d, masks);
   const std::vector<int64_t> order = task_order(tiles, d.Hkv);
   const int64_t n_tasks = static_cast<int64_t>(order.size());
@@ -780,104 +762,94 @@ void blocked_forward(const Dims& d, std::span<const MaskDescriptor> masks, T sca
     Scratch<T>& sc = thread_scratch<T>();
 #pragma omp for schedule(dynamic, 1)
     for (int64_t task = 0; task < n_tasks; ++task) {
-      const int64_t t = order[static_cast<size_t>(task)] / d.Hkv, hk = order[static_cast<size_t>(task)] % d.Hkv;
-      const TileGeom& g = tiles[static_cast<size_t>(t)];
-      forward_tile<T, Ops>(d, mask_of(masks, g.b), g, hk, scale, Q, K, V, O, LSE, sc);
+      const int64_t id = order[idx(task)];
+      const TileGeom& g = tiles[idx(id / d.Hkv)];
+      forward_tile<T, Ops>(d, mask_of(masks, g.b), g, id % d.Hkv, scale, Q, K, V, O, LSE, sc);
     }
   }
 }
 
 template <class T, class Ops>
-void blocked_backward(const Dims& d, std::span<const MaskDescriptor> masks, T scale, const T* Q, const T* K,
-                      const T* V, const T* O, const T* LSE, const T* dO, T* dQ, T* dK, T* dV) {
+void backward_kernel(const Dims& d, std::span<const MaskDescriptor> masks, T scale, const T* Q, const T* K,
+                     const T* V, const T* O, const T* LSE, const T* dO, T* dQ, T* dK, T* dV) {
   const std::vector<TileGeom> tiles = plan_tiles(d, masks);
   const std::vector<int64_t> order = task_order(tiles, d.Hkv);
-  const int64_t n_tasks = static_cast<int64_t>(order.size()), Dp = round_up(d.D, kDB);
-  // Partial dk, dv of task (t, hk) at off[t * Hkv + hk]: [2][Np][Dp].
+  const int64_t n_tasks = static_cast<int64_t>(order.size()), D = d.D, Dp = round_up(D, kDB);
+  // Partial dk, dv of task id = t * Hkv + hk at part + off[id]: [2][Np][Dp].
   std::vector<int64_t> off(order.size() + 1, 0);
-  for (size_t t = 0; t < tiles.size(); ++t)
-    for (int64_t hk = 0; hk < d.Hkv; ++hk) {
-      const size_t i = t * static_cast<size_t>(d.Hkv) + static_cast<size_t>(hk);
-      off[i + 1] = off[i] + 2 * round_up(tiles[t].n, kNR) * Dp;
-    }
-  static thread_local Buf<T> part_buf;  // reused across calls: no page faults on every step
+  for (size_t id = 0; id < order.size(); ++id)
+    off[id + 1] = off[id] + 2 * round_up(tiles[id / idx(d.Hkv)].n, kNR) * Dp;
+  static thread_local Buf<T> part_buf;  // reused across calls, like the scratch
   T* part = part_buf.get(off.back());
-  // First tile of each batch row (tiles are ordered by batch row, then query position).
-  std::vector<int64_t> first_tile(static_cast<size_t>(d.B) + 1, static_cast<int64_t>(tiles.size()));
-  for (int64_t t = static_cast<int64_t>(tiles.size()) - 1; t >= 0; --t)
-    first_tile[static_cast<size_t>(tiles[static_cast<size_t>(t)].b)] = t;
+  // Tiles are ordered by batch row, then query position: tiles [first[b], first[b + 1]) are row b's.
+  std::vector<int64_t> first(idx(d.B) + 1, 0);
+  for (const TileGeom& g : tiles) ++first[idx(g.b) + 1];
+  for (int64_t b = 0; b < d.B; ++b) first[idx(b) + 1] += first[idx(b)];
   const int64_t n_kc = (d.Tk + kRedKeys - 1) / kRedKeys, n_red = d.B * d.Hkv * n_kc;
 #pragma omp parallel if (d.parallel())
   {
     Scratch<T>& sc = thread_scratch<T>();
 #pragma omp for schedule(dynamic, 1)
     for (int64_t task = 0; task < n_tasks; ++task) {
-      const int64_t id = order[static_cast<size_t>(task)], t = id / d.Hkv, hk = id % d.Hkv;
-      const TileGeom& g = tiles[static_cast<size_t>(t)];
-      backward_tile<T, Ops>(d, mask_of(masks, g.b), g, hk, scale, Q, K, V, O, LSE, dO, dQ,
-                            part + off[static_cast<size_t>(id)], sc);
+      const int64_t id = order[idx(task)];
+      const TileGeom& g = tiles[idx(id / d.Hkv)];
+      backward_tile<T, Ops>(d, mask_of(masks, g.b), g, id % d.Hkv, scale, Q, K, V, O, LSE, dO, dQ,
+                            part + off[idx(id)], sc);
     }
-    // dk, dv of each key: the partials of the tiles of its batch row, summed in tile order.
+    // dk, dv of a key: the partials of its batch row's tiles, summed in tile order.
 #pragma omp for schedule(dynamic, 1)
     for (int64_t task = 0; task < n_red; ++task) {
       const int64_t kc = task % n_kc, hk = (task / n_kc) % d.Hkv, b = task / (n_kc * d.Hkv);
       const int64_t k0 = kc * kRedKeys, k1 = std::min(d.Tk, k0 + kRedKeys);
-      T* acc = sc.acc.get(2 * kRedKeys * d.D);
-      std::fill(acc, acc + 2 * kRedKeys * d.D, T(0));
-      const int64_t t_end = b + 1 < d.B ? first_tile[static_cast<size_t>(b + 1)] : static_cast<int64_t>(tiles.size());
-      for (int64_t t = first_tile[static_cast<size_t>(b)]; t < t_end; ++t) {
-        const TileGeom& g = tiles[static_cast<size_t>(t)];
-        const T* pk = part + off[static_cast<size_t>(t * d.Hkv + hk)];
+      T* ak = sc.acc.get(2 * kRedKeys * D);
+      T* av = ak + kRedKeys * D;
+      std::fill(ak, ak + 2 * kRedKeys * D, T(0));
+      for (int64_t t = first[idx(b)]; t < first[idx(b) + 1]; ++t) {
+        const TileGeom& g = tiles[idx(t)];
+        const T* pk = part + off[idx(t * d.Hkv + hk)];
         const T* pv = pk + round_up(g.n, kNR) * Dp;
         for (size_t u = 0; u < g.iv.size(); ++u) {
           const int64_t lo = std::max(k0, g.iv[u].begin), hi = std::min(k1, g.iv[u].end);
           for (int64_t j = lo; j < hi; ++j) {
             const int64_t c = g.base[u] + (j - g.iv[u].begin);
-            T* ak = acc + (j - k0) * d.D;
-            T* av = acc + (kRedKeys + j - k0) * d.D;
+            T* xk = ak + (j - k0) * D;
+            T* xv = av + (j - k0) * D;
 #pragma omp simd
-            for (int64_t e = 0; e < d.D; ++e) {
-              ak[e] += pk[c * Dp + e];
-              av[e] += pv[c * Dp + e];
+            for (int64_t e = 0; e < D; ++e) {
+              xk[e] += pk[c * Dp + e];
+              xv[e] += pv[c * Dp + e];
             }
           }
         }
       }
       for (int64_t j = k0; j < k1; ++j) {
-        const int64_t at = ((b * d.Tk + j) * d.Hkv + hk) * d.D;
-        std::copy(acc + (j - k0) * d.D, acc + (j - k0 + 1) * d.D, dK + at);
-        std::copy(acc + (kRedKeys + j - k0) * d.D, acc + (kRedKeys + j - k0 + 1) * d.D, dV + at);
+        const int64_t at = ((b * d.Tk + j) * d.Hkv + hk) * D;
+        std::copy(ak + (j - k0) * D, ak + (j - k0 + 1) * D, dK + at);
+        std::copy(av + (j - k0) * D, av + (j - k0 + 1) * D, dV + at);
       }
     }
   }
 }
 
 template <class T>
-void forward_dispatch(const Dims& d, std::span<const MaskDescriptor> masks, T scale, const Tensor& q,
-                      const Tensor& k, const Tensor& v, T* O, T* LSE) {
-  const T *Q = q.data<T>(), *K = k.data<T>(), *V = v.data<T>();
-  if (!all_finite<T>(q) || !all_finite<T>(k) || !all_finite<T>(v))
-    return exact_forward<T>(d, masks, scale, Q, K, V, O, LSE);
+void forward_dispatch(const Dims& d, std::span<const MaskDescriptor> masks, T scale, const T* Q, const T* K,
+                      const T* V, T* O, T* LSE) {
 #ifdef OPDLM_ATTN_X86
   if constexpr (std::is_same_v<T, float>)
-    if (cpu_has_avx2_fma()) return blocked_forward<float, Avx2Ops>(d, masks, scale, Q, K, V, O, LSE);
+    if (cpu_has_avx2_fma()) return forward_kernel<float, Avx2Ops>(d, masks, scale, Q, K, V, O, LSE);
 #endif
-  blocked_forward<T, PortableOps<T>>(d, masks, scale, Q, K, V, O, LSE);
+  forward_kernel<T, PortableOps<T>>(d, masks, scale, Q, K, V, O, LSE);
 }
 
 template <class T>
-void backward_dispatch(const Dims& d, std::span<const MaskDescriptor> masks, T scale, const Tensor& q,
-                       const Tensor& k, const Tensor& v, const Tensor& o, const Tensor& lse, const Tensor& dout,
-                       T* dQ, T* dK, T* dV) {
-  const T *Q = q.data<T>(), *K = k.data<T>(), *V = v.data<T>(), *O = o.data<T>(), *L = lse.data<T>(),
-          *dO = dout.data<T>();
-  if (!all_finite<T>(q) || !all_finite<T>(k) || !all_finite<T>(v) || !all_finite<T>(dout))
-    return exact_backward<T>(d, masks, scale, Q, K, V, O, L, dO, dQ, dK, dV);
+void backward_dispatch(const Dims& d, std::span<const MaskDescriptor> masks, T scale, const T* Q, const T* K,
+                       const T* V, const T* O, const T* LSE, const T* dO, T* dQ, T* dK, T* dV) {
 #ifdef OPDLM_ATTN_X86
   if constexpr (std::is_same_v<T, float>)
-    if (cpu_has_avx2_fma()) return blocked_backward<float, Avx2Ops>(d, masks, scale, Q, K, V, O, L, dO, dQ, dK, dV);
+    if (cpu_has_avx2_fma())
+      return backward_kernel<float, Avx2Ops>(d, masks, scale, Q, K, V, O, LSE, dO, dQ, dK, dV);
 #endif
-  blocked_backward<T, PortableOps<T>>(d, masks, scale, Q, K, V, O, L, dO, dQ, dK, dV);
+  backward_kernel<T, PortableOps<T>>(d, masks, scale, Q, K, V, O, LSE, dO, dQ, dK, dV);
 }
 
 }  // namespace
@@ -890,9 +862,11 @@ Tensor attention_forward(const Tensor& q, const Tensor& k, const Tensor& v,
   Tensor& l = lse ? *lse : lse_local;
   prepare_output(l, "lse", {d.B, d.Hq, d.Tq}, q.dtype());
   if (q.dtype() == DType::f64)
-    forward_dispatch<double>(d, masks, scale, q, k, v, o.data<double>(), l.data<double>());
+    forward_dispatch<double>(d, masks, scale, q.data<double>(), k.data<double>(), v.data<double>(),
+                             o.data<double>(), l.data<double>());
   else
-    forward_dispatch<float>(d, masks, static_cast<float>(scale), q, k, v, o.data<float>(), l.data<float>());
+    forward_dispatch<float>(d, masks, static_cast<float>(scale), q.data<float>(), k.data<float>(),
+                            v.data<float>(), o.data<float>(), l.data<float>());
   return o;
 }
 
@@ -913,11 +887,13 @@ void attention_backward(const Tensor& q, const Tensor& k, const Tensor& v, const
   prepare_output(dk, "dk", k.shape(), q.dtype());
   prepare_output(dv, "dv", k.shape(), q.dtype());
   if (q.dtype() == DType::f64)
-    backward_dispatch<double>(d, masks, scale, q, k, v, o, lse, dout, dq.data<double>(), dk.data<double>(),
-                              dv.data<double>());
+    backward_dispatch<double>(d, masks, scale, q.data<double>(), k.data<double>(), v.data<double>(),
+                              o.data<double>(), lse.data<double>(), dout.data<double>(), dq.data<double>(),
+                              dk.data<double>(), dv.data<double>());
   else
-    backward_dispatch<float>(d, masks, static_cast<float>(scale), q, k, v, o, lse, dout, dq.data<float>(),
-                             dk.data<float>(), dv.data<float>());
+    backward_dispatch<float>(d, masks, static_cast<float>(scale), q.data<float>(), k.data<float>(),
+                             v.data<float>(), o.data<float>(), lse.data<float>(), dout.data<float>(),
+                             dq.data<float>(), dk.data<float>(), dv.data<float>());
 }
 
 }  // namespace opdlm::ops
