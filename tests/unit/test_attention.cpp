@@ -291,6 +291,10 @@ std::vector<Case> tiled_cases() {
       {"block_decode_g3", 2, 100, 171, 6, 2, 24,
        {MaskDescriptor::block_causal(8, 40, 5, 71), MaskDescriptor::block_causal(4, 37, 0, 70)}},
       {"block_causal_shared_g2", 3, 140, 140, 4, 2, 8, {MaskDescriptor::block_causal(16, 25, 4)}},
+      // 32 (batch row, kv head) pairs: each backward task takes all tiles of one pair.
+      {"causal_32_pairs", 8, 140, 140, 8, 4, 8,
+       {MaskDescriptor::causal(0), MaskDescriptor::causal(1), MaskDescriptor::causal(2), MaskDescriptor::causal(3),
+        MaskDescriptor::causal(4), MaskDescriptor::causal(5), MaskDescriptor::causal(6), MaskDescriptor::causal(7)}},
   };
 }
 
@@ -360,7 +364,7 @@ TEST(AttentionBlocked, ManyTilesMatchDenseReference) {
 
 TEST(AttentionBlocked, SameBitsForAnyThreadCount) {
   const int saved = omp_get_max_threads();
-  for (const Case& c : {tiled_cases()[0], tiled_cases()[1], tiled_cases()[3]})
+  for (const Case& c : {tiled_cases()[0], tiled_cases()[1], tiled_cases()[3], tiled_cases()[5]})
     for (DType dt : {DType::f32, DType::f64}) {
       omp_set_num_threads(1);
       const Grads one = run_attention(c, dt, 0.3, 61);

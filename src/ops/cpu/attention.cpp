@@ -6,9 +6,13 @@
 // needs only the union of its rows' ranges: those keys become the tile's columns, and keys outside them
 // are never touched. Per tile, blocked: S = Q K^T (and dP = dO V^T in the backward) by register-blocked
 // micro-kernels (AVX2+FMA for f32 where the CPU has it, portable loops otherwise and for f64), a masked
-// row softmax, then O = P V, or dQ = scale dS K and the tile's partial dK = scale dS^T Q, dV = P^T dO,
-// each kMR-row or kMR-column block restricted to the columns or rows that can be non-zero. Partial
-// dK/dV are summed per key in tile order afterwards: results are bitwise the same for any thread count.
+// row softmax, then O = P V, or dQ = scale dS K and the tile's terms of dK = scale dS^T Q, dV = P^T dO,
+// each kMR-row or kMR-column block restricted to the columns or rows that can be non-zero.
+//
+// Threads take tasks (tile, kv head) in the forward and (group of consecutive tiles, kv head) in the
+// backward; a backward task runs its tiles in order into its own dK/dV accumulator, and accumulators
+// are summed per key in group order. Tiles and groups depend on the shape and masks only, so results
+// are bitwise the same for any thread count.
 //
 // Within a tile the blocked products multiply masked entries (P = dS = 0) with other rows' queries or
 // keys; that is exact for finite values only. A tile whose packed operands hold a NaN or Inf therefore
@@ -575,17 +579,23 @@ void forward_rows(const Dims& d, const MaskDescriptor& m, const TileGeom& g, int
   }
 }
 
-// dq rows of the tile and its partial dk, dv in part [2][Np][Dp], from each row's allowed keys only.
+// Where a tile adds its dk, dv: the rows of key j are gk + (j - k0) * ld and gv + (j - k0) * ld.
+template <class T>
+struct KeyGrads {
+  T *gk, *gv;
+  int64_t k0, ld;
+  T* k(int64_t j) const { return gk + (j - k0) * ld; }
+  T* v(int64_t j) const { return gv + (j - k0) * ld; }
+};
+
+// dq rows of the tile, and its terms of dk, dv added to acc, from each row's allowed keys only.
 template <class T>
 void backward_rows(const Dims& d, const MaskDescriptor& m, const TileGeom& g, int64_t hk, T scale, const T* Q,
-                   const T* K, const T* V, const T* O, const T* LSE, const T* dO, T* dQ, T* part, int64_t Np,
-                   int64_t Dp, T* acc) {
+                   const T* K, const T* V, const T* O, const T* LSE, const T* dO, T* dQ, const KeyGrads<T>& acc,
+                   T* qacc) {
   const int64_t D = d.D, ks = d.Hkv * D;
   const T* Kb = K + (g.b * d.Tk * d.Hkv + hk) * D;
   const T* Vb = V + (g.b * d.Tk * d.Hkv + hk) * D;
-  T* pk = part;
-  T* pv = part + Np * Dp;
-  std::fill(part, part + 2 * Np * Dp, T(0));
   for (int64_t i = g.i0; i < g.i1; ++i) {
     KeyRange r[2];
     const int nr = m.ranges(i, d.Tk, r);
@@ -594,23 +604,19 @@ void backward_rows(const Dims& d, const MaskDescriptor& m, const TileGeom& g, in
       const T* qp = Q + row * D;
       const T* dop = dO + row * D;
       const T dl = dotp(dop, O + row * D, D), l = LSE[(g.b * d.Hq + h) * d.Tq + i];
-      std::fill(acc, acc + D, T(0));
-      for (int ri = 0; ri < nr; ++ri) {
-        const int64_t c0 = column_of(g, r[ri].begin) - r[ri].begin;
+      std::fill(qacc, qacc + D, T(0));
+      for (int ri = 0; ri < nr; ++ri)
         for (int64_t j = r[ri].begin; j < r[ri].end; ++j) {
           const T p = std::exp(dotp(qp, Kb + j * ks, D) * scale - l);
           const T ds = p * (dotp(dop, Vb + j * ks, D) - dl);
-          axpy(acc, ds, Kb + j * ks, D);
-          axpy(pk + (c0 + j) * Dp, ds, qp, D);
-          axpy(pv + (c0 + j) * Dp, p, dop, D);
+          axpy(qacc, ds, Kb + j * ks, D);
+          axpy(acc.k(j), ds * scale, qp, D);
+          axpy(acc.v(j), p, dop, D);
         }
-      }
       T* gq = dQ + row * D;
-      for (int64_t e = 0; e < D; ++e) gq[e] = acc[e] * scale;
+      for (int64_t e = 0; e < D; ++e) gq[e] = qacc[e] * scale;
     }
   }
-  for (int64_t c = 0; c < g.n; ++c)
-    for (int64_t e = 0; e < D; ++e) pk[c * Dp + e] *= scale;
 }
 
 // ======================================= tile kernels =======================================
@@ -668,10 +674,10 @@ void forward_tile(const Dims& d, const MaskDescriptor& m, const TileGeom& g, int
 
 // With p = exp(scale q.k - lse), dp = dout.v, delta = dout.o (= sum_k p dp), ds = p (dp - delta):
 //   dq = scale sum_k ds k,  dk = scale sum_q ds q,  dv = sum_q p dout.
-// Writes the tile's dq rows and its partial dk, dv for its columns into part [2][Np][Dp].
+// Writes the tile's dq rows and adds its terms of dk, dv to acc.
 template <class T, class Ops>
 void backward_tile(const Dims& d, const MaskDescriptor& m, const TileGeom& g, int64_t hk, T scale, const T* Q,
-                   const T* K, const T* V, const T* O, const T* LSE, const T* dO, T* dQ, T* part,
+                   const T* K, const T* V, const T* O, const T* LSE, const T* dO, T* dQ, const KeyGrads<T>& acc,
                    Scratch<T>& sc) {
   const int64_t G = d.G, D = d.D, Dp = round_up(D, kDB), R = (g.i1 - g.i0) * G, Rp = round_up(R, kMR);
   const int64_t Np = round_up(g.n, kNR);
@@ -684,13 +690,13 @@ void backward_tile(const Dims& d, const MaskDescriptor& m, const TileGeom& g, in
   finite = pack_query_rows(d, dO, g, hk, Rp, Dp, dop) && finite;
   finite = pack_key_rows(d, K, g, hk, Np, Dp, kr) && finite;
   finite = pack_key_rows(d, V, g, hk, Np, Dp, vr) && finite;
-  if (!finite) return backward_rows(d, m, g, hk, scale, Q, K, V, O, LSE, dO, dQ, part, Np, Dp, sc.acc.get(D));
+  if (!finite) return backward_rows(d, m, g, hk, scale, Q, K, V, O, LSE, dO, dQ, acc, sc.acc.get(D));
   row_columns(m, g, d.Tk, sc.rc);
   T* kp = sc.kp.get(Np * Dp);
   T* vp = sc.vp.get(Np * Dp);
   T* s = sc.s.get(Rp * Np);
   T* dp = sc.dp.get(Rp * Np);
-  T* acc = sc.acc.get(kMR * Dp);
+  T* tmp = sc.acc.get(2 * kMR * Dp);
   Ops::panels(kr, Np, Dp, kp);
   Ops::panels(vr, Np, Dp, vp);
   // P and dS of every row (0 outside its keys), dq per row block.
@@ -713,16 +719,17 @@ void backward_tile(const Dims& d, const MaskDescriptor& m, const TileGeom& g, in
       std::fill(sb + i * Np, sb + (i + 1) * Np, T(0));
       std::fill(db + i * Np, db + (i + 1) * Np, T(0));
     }
-    Ops::gemm_nn(db, Np, 1, lo, hi, kr, Dp, Dp, acc, Dp, scale);
+    Ops::gemm_nn(db, Np, 1, lo, hi, kr, Dp, Dp, tmp, Dp, scale);
     for (int64_t i = 0; i < nr; ++i) {
       const int64_t r = rb * kMR + i, pos = g.i0 + r / G, h = hk * G + r % G;
-      std::copy(acc + i * Dp, acc + i * Dp + D, dQ + ((g.b * d.Tq + pos) * d.Hq + h) * D);
+      std::copy(tmp + i * Dp, tmp + i * Dp + D, dQ + ((g.b * d.Tq + pos) * d.Hq + h) * D);
     }
   }
-  // dk = scale dS^T Q and dv = P^T dO for each block of kMR columns, over the rows that may see it: the
-  // first to the last query position with an allowed column in the block.
+  // dk = scale dS^T Q and dv = P^T dO for each block of kMR columns, over the rows that may see it (the
+  // first to the last query position with an allowed column in the block), added to the keys' rows.
   const int64_t npos = g.i1 - g.i0;
-  for (int64_t c0 = 0; c0 < Np; c0 += kMR) {
+  size_t u = 0;  // interval of column c0
+  for (int64_t c0 = 0; c0 < g.n; c0 += kMR) {
     const int64_t c1 = c0 + kMR;
     int64_t first = npos, last = -1;
     for (int64_t p = 0; p < npos; ++p) {
@@ -732,9 +739,22 @@ void backward_tile(const Dims& d, const MaskDescriptor& m, const TileGeom& g, in
         last = p;
       }
     }
-    const int64_t r0 = first * G, r1 = std::max(r0, (last + 1) * G);  // empty for padding columns
-    Ops::gemm_nn(dp + c0, 1, Np, r0, r1, qp, Dp, Dp, part + c0 * Dp, Dp, scale);
-    Ops::gemm_nn(s + c0, 1, Np, r0, r1, dop, Dp, Dp, part + (Np + c0) * Dp, Dp, T(1));
+    if (last < 0) continue;
+    Ops::gemm_nn(dp + c0, 1, Np, first * G, (last + 1) * G, qp, Dp, Dp, tmp, Dp, scale);
+    Ops::gemm_nn(s + c0, 1, Np, first * G, (last + 1) * G, dop, Dp, Dp, tmp + kMR * Dp, Dp, T(1));
+    for (int64_t c = c0; c < std::min(c1, g.n); ++c) {
+      while (c >= g.base[u] + (g.iv[u].end - g.iv[u].begin)) ++u;
+      const int64_t j = g.iv[u].begin + (c - g.base[u]);
+      T* xk = acc.k(j);
+      T* xv = acc.v(j);
+      const T* tk = tmp + (c - c0) * Dp;
+      const T* tv = tmp + (kMR + c - c0) * Dp;
+#pragma omp simd
+      for (int64_t e = 0; e < D; ++e) {
+        xk[e] += tk[e];
+        xv[e] += tv[e];
+      }
+    }
   }
 }
 
@@ -769,63 +789,126 @@ void forward_kernel(const Dims& d, std::span<const MaskDescriptor> masks, T scal
   }
 }
 
+// A backward task: tiles [t0, t1) of batch row b (consecutive query positions) for one kv head, run in
+// order by one thread, adding dk, dv of keys [k0, k1) (the hull of the tiles' keys) to one accumulator.
+struct Group {
+  int64_t b, t0, t1, k0, k1, cost;
+};
+
+// Each batch row's tiles split into ng groups of about equal work, ng chosen so that there are about
+// kMinTasks tasks (group, kv head). With ng = 1 a task owns dk, dv of its (batch row, kv head) and
+// writes them in place; otherwise each group has a buffer and the buffers of a key are summed in group
+// order afterwards (at most about kGroupBytes of buffers). Either way the order of every sum is fixed by
+// the shape alone.
+constexpr int64_t kMinTasks = 32;
+constexpr int64_t kGroupBytes = int64_t(32) << 20;
+
+std::vector<Group> plan_groups(const Dims& d, const std::vector<TileGeom>& tiles, const std::vector<int64_t>& first,
+                               int64_t elem_bytes, int64_t* ng_out) {
+  const int64_t per_row = first[1] - first[0];  // every batch row has ceil(Tq / positions) tiles
+  const int64_t pairs = d.B * d.Hkv, grads_bytes = pairs * d.Tk * d.D * 2 * elem_bytes;  // dk and dv
+  const int64_t ng = std::max<int64_t>(1, std::min({(kMinTasks + pairs - 1) / pairs, per_row,
+                                                    kGroupBytes / std::max<int64_t>(grads_bytes, 1)}));
+  *ng_out = ng;
+  auto cost = [&](int64_t t) { return tiles[idx(t)].n * (tiles[idx(t)].i1 - tiles[idx(t)].i0); };
+  std::vector<Group> groups;
+  for (int64_t b = 0; b < d.B; ++b) {
+    int64_t total = 0;
+    for (int64_t t = first[idx(b)]; t < first[idx(b) + 1]; ++t) total += cost(t);
+    int64_t t = first[idx(b)], done = 0;
+    for (int64_t gi = 0; gi < ng && t < first[idx(b) + 1]; ++gi) {
+      Group gr{b, t, t, std::numeric_limits<int64_t>::max(), 0, 0};
+      const int64_t target = total * (gi + 1) / ng, left = ng - 1 - gi;  // groups still to fill after this one
+      do {
+        gr.cost += cost(t);
+        done += cost(t);
+        ++t;
+      } while (t < first[idx(b) + 1] - left && (gi + 1 == ng || done + cost(t) <= target));
+      gr.t1 = t;
+      for (int64_t x = gr.t0; x < gr.t1; ++x) {
+        gr.k0 = std::min(gr.k0, tiles[idx(x)].iv.front().begin);
+        gr.k1 = std::max(gr.k1, tiles[idx(x)].iv.back().end);
+      }
+      groups.push_back(gr);
+    }
+  }
+  return groups;
+}
+
 template <class T, class Ops>
 void backward_kernel(const Dims& d, std::span<const MaskDescriptor> masks, T scale, const T* Q, const T* K,
                      const T* V, const T* O, const T* LSE, const T* dO, T* dQ, T* dK, T* dV) {
+  const int64_t D = d.D;
   const std::vector<TileGeom> tiles = plan_tiles(d, masks);
-  const std::vector<int64_t> order = task_order(tiles, d.Hkv);
-  const int64_t n_tasks = static_cast<int64_t>(order.size()), D = d.D, Dp = round_up(D, kDB);
-  // Partial dk, dv of task id = t * Hkv + hk at part + off[id]: [2][Np][Dp].
-  std::vector<int64_t> off(order.size() + 1, 0);
-  for (size_t id = 0; id < order.size(); ++id)
-    off[id + 1] = off[id] + 2 * round_up(tiles[id / idx(d.Hkv)].n, kNR) * Dp;
-  static thread_local Buf<T> part_buf;  // reused across calls, like the scratch
-  T* part = part_buf.get(off.back());
+  if (tiles.empty()) {  // no query rows: no key gets a gradient
+    std::fill(dK, dK + d.B * d.Tk * d.Hkv * D, T(0));
+    std::fill(dV, dV + d.B * d.Tk * d.Hkv * D, T(0));
+    return;
+  }
   // Tiles are ordered by batch row, then query position: tiles [first[b], first[b + 1]) are row b's.
   std::vector<int64_t> first(idx(d.B) + 1, 0);
   for (const TileGeom& g : tiles) ++first[idx(g.b) + 1];
   for (int64_t b = 0; b < d.B; ++b) first[idx(b) + 1] += first[idx(b)];
-  const int64_t n_kc = (d.Tk + kRedKeys - 1) / kRedKeys, n_red = d.B * d.Hkv * n_kc;
+  int64_t ng = 1;
+  const std::vector<Group> groups = plan_groups(d, tiles, first, sizeof(T), &ng);
+  // Tasks gi * Hkv + hk, most work first; with ng > 1 task id's buffer is buf + off[id]: [2][k1 - k0][D].
+  const int64_t n_tasks = static_cast<int64_t>(groups.size()) * d.Hkv;
+  std::vector<int64_t> order(idx(n_tasks)), off(idx(n_tasks) + 1, 0);
+  for (int64_t id = 0; id < n_tasks; ++id) {
+    order[idx(id)] = id;
+    const Group& gr = groups[idx(id / d.Hkv)];
+    off[idx(id) + 1] = off[idx(id)] + (ng > 1 ? 2 * (gr.k1 - gr.k0) * D : 0);
+  }
+  std::stable_sort(order.begin(), order.end(),
+                   [&](int64_t x, int64_t y) { return groups[idx(x / d.Hkv)].cost > groups[idx(y / d.Hkv)].cost; });
+  static thread_local Buf<T> group_buf;  // reused across calls, like the scratch
+  T* buf = group_buf.get(off.back());
+  const int64_t n_kc = (d.Tk + kRedKeys - 1) / kRedKeys, n_red = ng > 1 ? d.B * d.Hkv * n_kc : 0;
 #pragma omp parallel if (d.parallel())
   {
     Scratch<T>& sc = thread_scratch<T>();
 #pragma omp for schedule(dynamic, 1)
     for (int64_t task = 0; task < n_tasks; ++task) {
-      const int64_t id = order[idx(task)];
-      const TileGeom& g = tiles[idx(id / d.Hkv)];
-      backward_tile<T, Ops>(d, mask_of(masks, g.b), g, id % d.Hkv, scale, Q, K, V, O, LSE, dO, dQ,
-                            part + off[idx(id)], sc);
+      const int64_t id = order[idx(task)], hk = id % d.Hkv;
+      const Group& gr = groups[idx(id / d.Hkv)];
+      KeyGrads<T> acc;
+      if (ng == 1) {  // the whole batch row: dk, dv in place (keys no row sees stay 0)
+        acc = {dK + (gr.b * d.Tk * d.Hkv + hk) * D, dV + (gr.b * d.Tk * d.Hkv + hk) * D, 0, d.Hkv * D};
+        for (int64_t j = 0; j < d.Tk; ++j) {
+          std::fill(acc.k(j), acc.k(j) + D, T(0));
+          std::fill(acc.v(j), acc.v(j) + D, T(0));
+        }
+      } else {
+        T* p = buf + off[idx(id)];
+        acc = {p, p + (gr.k1 - gr.k0) * D, gr.k0, D};
+        std::fill(p, p + 2 * (gr.k1 - gr.k0) * D, T(0));
+      }
+      for (int64_t t = gr.t0; t < gr.t1; ++t) {
+        const TileGeom& g = tiles[idx(t)];
+        backward_tile<T, Ops>(d, mask_of(masks, g.b), g, hk, scale, Q, K, V, O, LSE, dO, dQ, acc, sc);
+      }
     }
-    // dk, dv of a key: the partials of its batch row's tiles, summed in tile order.
+    // ng > 1: dk, dv of a key are its batch row's group buffers summed in group order.
 #pragma omp for schedule(dynamic, 1)
     for (int64_t task = 0; task < n_red; ++task) {
       const int64_t kc = task % n_kc, hk = (task / n_kc) % d.Hkv, b = task / (n_kc * d.Hkv);
       const int64_t k0 = kc * kRedKeys, k1 = std::min(d.Tk, k0 + kRedKeys);
-      T* ak = sc.acc.get(2 * kRedKeys * D);
-      T* av = ak + kRedKeys * D;
-      std::fill(ak, ak + 2 * kRedKeys * D, T(0));
-      for (int64_t t = first[idx(b)]; t < first[idx(b) + 1]; ++t) {
-        const TileGeom& g = tiles[idx(t)];
-        const T* pk = part + off[idx(t * d.Hkv + hk)];
-        const T* pv = pk + round_up(g.n, kNR) * Dp;
-        for (size_t u = 0; u < g.iv.size(); ++u) {
-          const int64_t lo = std::max(k0, g.iv[u].begin), hi = std::min(k1, g.iv[u].end);
-          for (int64_t j = lo; j < hi; ++j) {
-            const int64_t c = g.base[u] + (j - g.iv[u].begin);
-            T* xk = ak + (j - k0) * D;
-            T* xv = av + (j - k0) * D;
+      for (int64_t j = k0; j < k1; ++j) {
+        T* gk = dK + ((b * d.Tk + j) * d.Hkv + hk) * D;
+        T* gv = dV + ((b * d.Tk + j) * d.Hkv + hk) * D;
+        std::fill(gk, gk + D, T(0));
+        std::fill(gv, gv + D, T(0));
+        for (int64_t gi = b * ng; gi < (b + 1) * ng && gi < static_cast<int64_t>(groups.size()); ++gi) {
+          const Group& gr = groups[idx(gi)];
+          if (gr.b != b || j < gr.k0 || j >= gr.k1) continue;
+          const T* pk = buf + off[idx(gi * d.Hkv + hk)] + (j - gr.k0) * D;
+          const T* pv = pk + (gr.k1 - gr.k0) * D;
 #pragma omp simd
-            for (int64_t e = 0; e < D; ++e) {
-              xk[e] += pk[c * Dp + e];
-              xv[e] += pv[c * Dp + e];
-            }
+          for (int64_t e = 0; e < D; ++e) {
+            gk[e] += pk[e];
+            gv[e] += pv[e];
           }
         }
-      }
-      for (int64_t j = k0; j < k1; ++j) {
-        const int64_t at = ((b * d.Tk + j) * d.Hkv + hk) * D;
-        std::copy(ak + (j - k0) * D, ak + (j - k0 + 1) * D, dK + at);
-        std::copy(av + (j - k0) * D, av + (j - k0 + 1) * D, dV + at);
       }
     }
   }
