@@ -9,7 +9,7 @@ PKGS=(
   openmpi-bin libopenmpi-dev                        # MPI ranks: tensor x data parallel
   libhdf5-dev hdf5-tools                            # model files and checkpoints (+ h5dump for users)
   libboost-program-options-dev libboost-log-dev     # configs / CLI, logging
-  libopenblas-dev                                   # CPU GEMM
+  libopenblas-dev libopenblas-openmp-dev            # CPU GEMM (the OpenMP build shares our thread pool)
   nlohmann-json3-dev                                # config.json, safetensors headers, tokenizer.json, JSONL
   libpcre2-dev                                      # the tokenizer's pre-split regex
   libutf8proc-dev                                   # the tokenizer's NFC normalisation

@@ -33,21 +33,6 @@ constexpr const char* kUsage =
     "  arithmetic  arithmetic teacher text + held-out/length/seen eval JSONL\n\n"
     "Run `opdlm data <action> --help` for its options.\n";
 
-// Parses args into vm; returns true when --help was given (the help is printed).
-bool parse(const std::vector<std::string>& args, const po::options_description& desc, po::variables_map& vm,
-           const po::positional_options_description* pos = nullptr) {
-  po::command_line_parser p(args);
-  p.options(desc);
-  if (pos) p.positional(*pos);
-  po::store(p.run(), vm);
-  if (vm.count("help")) {
-    std::cout << desc << "\n";
-    return true;
-  }
-  po::notify(vm);
-  return false;
-}
-
 std::string read_file(const std::string& path) {
   std::ifstream in(path, std::ios::binary);
   if (!in) OPDLM_FAIL_AT(path, "", "cannot open input");
@@ -87,7 +72,7 @@ int data_prepare(const std::vector<std::string>& args) {
       ("append-eos", po::bool_switch(), "append <|endoftext|> to every document")
       ("keep-newlines", po::bool_switch(), "keep each line's trailing newline in the document text");
   po::variables_map vm;
-  if (parse(args, desc, vm)) return kExitOk;
+  if (opdlm::cli::parse_or_print_help(args, desc, vm)) return kExitOk;
   const bool append_eos = vm["append-eos"].as<bool>(), keep_nl = vm["keep-newlines"].as<bool>();
 
   const auto fmt = opdlm::io::parse_doc_format(format);  // before the (slow) tokenizer load
@@ -126,7 +111,7 @@ int data_inspect(const std::vector<std::string>& args) {
   po::positional_options_description pos;
   pos.add("shard", 1);
   po::variables_map vm;
-  if (parse(args, desc, vm, &pos)) return kExitOk;
+  if (opdlm::cli::parse_or_print_help(args, desc, vm, &pos)) return kExitOk;
   const auto s = opdlm::io::TokenShard::read(path);
   uint64_t longest = 0;
   for (uint64_t d = 0; d < s.num_documents(); ++d) longest = std::max<uint64_t>(longest, s.document(d).size());
@@ -162,7 +147,7 @@ int data_kjv(const std::vector<std::string>& args) {
       ("distractors", po::value(&n_distractors)->default_value(3), "distractors per seen-eval item")
       ("seed", po::value(&seed)->default_value(0), "seed of the distractor choice");
   po::variables_map vm;
-  if (parse(args, desc, vm)) return kExitOk;
+  if (opdlm::cli::parse_or_print_help(args, desc, vm)) return kExitOk;
   namespace io = opdlm::io;
   fs::create_directories(out_dir);
   std::string raw;
@@ -227,7 +212,7 @@ int data_arithmetic(const std::vector<std::string>& args) {
       ("length-digits", po::value(&cfg.length_digits)->default_value(cfg.length_digits),
        "operand digits of the length-generalisation set");
   po::variables_map vm;
-  if (parse(args, desc, vm)) return kExitOk;
+  if (opdlm::cli::parse_or_print_help(args, desc, vm)) return kExitOk;
   namespace io = opdlm::io;
   fs::create_directories(out_dir);
   const auto sets = io::generate_arithmetic(cfg);

@@ -1,5 +1,6 @@
-// `opdlm generate --mode ar`, `opdlm score` and `opdlm eval --mode ar`: decoding, per-token
-// log-probabilities, and exact-match completion tasks with a model file and its tokenizer.
+// `opdlm generate --mode ar|diffusion`, `opdlm score` and `opdlm eval --mode ar`: decoding (AR, or
+// block diffusion with the rollout sampler), per-token log-probabilities, and exact-match completion
+// tasks with a model file and its tokenizer.
 #include <boost/program_options.hpp>
 #include <fstream>
 #include <iomanip>
@@ -8,6 +9,7 @@
 
 #include "commands.hpp"
 #include "opdlm/base/error.hpp"
+#include "opdlm/diffusion/sampler.hpp"
 #include "opdlm/eval/completion.hpp"
 #include "opdlm/io/jsonl_dataset.hpp"
 #include "opdlm/io/model_file.hpp"
@@ -35,33 +37,100 @@ Loaded load(const std::string& model_path, std::string tok_path) {
   return {model::Qwen3Model::teacher(io::load_model(model_path)), io::Tokenizer::from_file(tok_path)};
 }
 
-// False when --help was given (and printed).
-bool parse(const std::vector<std::string>& args, const po::options_description& desc) {
-  po::variables_map vm;
-  po::store(po::command_line_parser(args).options(desc).run(), vm);
-  if (vm.count("help")) {
-    std::cout << desc << "\n";
-    return false;
+// --mode diffusion has its own flags: peek at --mode before parsing, so the ar flags stay as they are.
+bool mode_is(const std::vector<std::string>& args, const std::string& want) {
+  for (size_t i = 0; i < args.size(); ++i) {
+    if (args[i] == "--mode=" + want) return true;
+    if (args[i] == "--mode" && i + 1 < args.size() && args[i + 1] == want) return true;
   }
-  po::notify(vm);
-  return true;
+  return false;
+}
+
+// Block-diffusion decoding (diffusion::bd_generate); one JSONL record per prompt. A prompt the
+// sampler rejects (empty, too long, bad ids) gets a record with its status and error, not a failure.
+int run_generate_diffusion(const std::vector<std::string>& args) {
+  po::options_description d("opdlm generate --mode diffusion");
+  std::string mode, model_path, tok_path, prompt, prompts_file, out, strategy;
+  int64_t batch = 8;
+  int32_t mask_id = -1;
+  diffusion::SamplerOptions g;
+  d.add_options()("help", "show help")("mode", po::value(&mode)->required(), "diffusion")
+      ("model", po::value(&model_path)->required(), "model.h5")("tokenizer", po::value(&tok_path), "tokenizer.json (default: the one the model file names)")
+      ("prompt", po::value(&prompt), "one prompt")("prompts", po::value(&prompts_file), "JSONL with a prompt field")
+      ("max-new-tokens", po::value(&g.max_new_tokens)->default_value(64), "length limit")("batch-size", po::value(&batch)->default_value(8), "prompts per batch")
+      ("block-size", po::value(&g.block_size)->default_value(4), "block size b")
+      ("steps", po::value(&g.steps_per_block)->default_value(4), "denoising steps per block s")
+      ("strategy", po::value(&strategy)->default_value("low_confidence_static"),
+       "sequential | low_confidence_static | low_confidence_dynamic | entropy_bounded")
+      ("tau", po::value(&g.tau)->default_value(0.9), "low_confidence_dynamic threshold (strict >)")
+      ("entropy-bound", po::value(&g.entropy_bound)->default_value(1.0), "entropy_bounded: summed entropy per step (nats)")
+      ("temperature", po::value(&g.sampling.temperature)->default_value(0.0), "0 = greedy")
+      ("top-k", po::value(&g.sampling.top_k)->default_value(0), "0 = off")("top-p", po::value(&g.sampling.top_p)->default_value(1.0), "1 = off")
+      ("mask-id", po::value(&mask_id)->default_value(-1), "[MASK] id (default: the config's mask_token_id, else the tokenizer's <|MASK|>)")
+      ("seed", po::value(&g.seed)->default_value(0), "sampling seed")("out", po::value(&out), "write JSONL here instead of stdout");
+  po::variables_map vm;
+  if (cli::parse_or_print_help(args, d, vm)) return cli::kExitOk;
+  if (prompt.empty() == prompts_file.empty()) OPDLM_FAIL_AT("command line", "prompt", "give exactly one of --prompt and --prompts");
+  if (batch < 1) OPDLM_FAIL_AT("command line", "batch-size", "must be >= 1, got ", batch);
+  g.strategy = diffusion::parse_strategy(strategy, "strategy");
+  Loaded L = load(model_path, tok_path);
+  const model::Qwen3Config& c = L.model.config();
+  if (mask_id < 0) mask_id = static_cast<int32_t>(c.mask_token_id);
+  if (mask_id < 0) mask_id = L.tok.token_id("<|MASK|>").value_or(-1);
+  if (mask_id < 0)
+    OPDLM_FAIL_AT(model_path, "mask_token_id", "the model has no mask token and the tokenizer no <|MASK|>: pass --mask-id");
+  g.mask_id = mask_id;
+  g.eos_id = static_cast<int32_t>(c.eos_token_id);
+  g.pad_id = static_cast<int32_t>(c.pad_token_id >= 0 ? c.pad_token_id : std::max<int64_t>(c.eos_token_id, 0));
+  std::vector<io::PromptRecord> recs;
+  if (!prompt.empty()) recs.push_back({"0", false, prompt});
+  else recs = io::load_prompt_jsonl(prompts_file).records;
+  std::ofstream file;
+  if (!out.empty()) file.open(out);
+  std::ostream& os = out.empty() ? std::cout : file;
+  for (size_t s = 0; s < recs.size(); s += static_cast<size_t>(batch)) {
+    std::vector<std::vector<int32_t>> prompts;
+    std::vector<uint32_t> ids;
+    for (size_t i = s; i < std::min(recs.size(), s + static_cast<size_t>(batch)); ++i) {
+      prompts.push_back(L.tok.encode(recs[i].prompt));
+      ids.push_back(static_cast<uint32_t>(i));
+    }
+    const auto rs = diffusion::bd_generate(L.model, prompts, ids, g);
+    for (size_t i = 0; i < rs.size(); ++i) {
+      const auto& r = rs[i];
+      nlohmann::json j{{"id", recs[s + i].id}, {"prompt", recs[s + i].prompt}, {"status", diffusion::rollout_status_name(r.status)}};
+      if (!r.ok()) {
+        j["error"] = r.error;
+        std::cerr << "generate: prompt " << recs[s + i].id << " skipped: " << r.error << "\n";
+      }
+      // Tokens per denoising forward (the commit forwards are reported beside it).
+      const double tpf = r.denoise_forwards > 0 ? double(r.response.size()) / double(r.denoise_forwards) : 0.0;
+      j.update({{"ids", r.response}, {"text", L.tok.decode(r.response)}, {"eos", r.stopped_at_eos},
+                {"step_map", r.step_map}, {"forwards", {{"denoise", r.denoise_forwards}, {"commit", r.commit_forwards}}},
+                {"tokens_per_forward", tpf}});
+      os << j.dump() << "\n";
+    }
+  }
+  return cli::kExitOk;
 }
 
 int run_generate(const std::vector<std::string>& args) {
+  if (mode_is(args, "diffusion")) return run_generate_diffusion(args);
   po::options_description d("opdlm generate --mode ar");
   std::string mode, model_path, tok_path, prompt, prompts_file, out;
   int64_t max_new = 64, batch = 8;
   ops::SamplingParams sp;
   uint32_t seed = 0;
-  d.add_options()("help", "show help")("mode", po::value(&mode)->required(), "ar (block diffusion arrives with the sampler)")
+  d.add_options()("help", "show help")("mode", po::value(&mode)->required(), "ar (diffusion: see --mode diffusion --help)")
       ("model", po::value(&model_path)->required(), "model.h5")("tokenizer", po::value(&tok_path), "tokenizer.json (default: the one the model file names)")
       ("prompt", po::value(&prompt), "one prompt")("prompts", po::value(&prompts_file), "JSONL with a prompt field")
       ("max-new-tokens", po::value(&max_new)->default_value(64), "length limit")("batch-size", po::value(&batch)->default_value(8), "prompts per batch")
       ("temperature", po::value(&sp.temperature)->default_value(0.0), "0 = greedy")
       ("top-k", po::value(&sp.top_k)->default_value(0), "0 = off")("top-p", po::value(&sp.top_p)->default_value(1.0), "1 = off")
       ("seed", po::value(&seed)->default_value(0), "sampling seed")("out", po::value(&out), "write JSONL here instead of stdout");
-  if (!parse(args, d)) return cli::kExitOk;
-  if (mode != "ar") OPDLM_FAIL_AT("command line", "mode", "unknown mode '", mode, "' (available: ar)");
+  po::variables_map vm;
+  if (cli::parse_or_print_help(args, d, vm)) return cli::kExitOk;
+  if (mode != "ar") OPDLM_FAIL_AT("command line", "mode", "unknown mode '", mode, "' (available: ar, diffusion)");
   if (prompt.empty() == prompts_file.empty()) OPDLM_FAIL_AT("command line", "prompt", "give exactly one of --prompt and --prompts");
   Loaded L = load(model_path, tok_path);
   std::vector<io::PromptRecord> recs;
@@ -99,7 +168,8 @@ int run_score(const std::vector<std::string>& args) {
       ("tokenizer", po::value(&tok_path), "tokenizer.json (default: the one the model file names)")
       ("input", po::value(&input)->required(), "JSONL: each record has `field` (text) or `ids` (list of ints)")
       ("field", po::value(&field)->default_value("text"), "text field")("out", po::value(&out), "output JSONL (default stdout)");
-  if (!parse(args, d)) return cli::kExitOk;
+  po::variables_map vm;
+  if (cli::parse_or_print_help(args, d, vm)) return cli::kExitOk;
   Loaded L = load(model_path, tok_path);
   std::ifstream in(input);
   if (!in) OPDLM_FAIL_AT(input, "", "cannot open");
@@ -150,7 +220,8 @@ int run_eval(const std::vector<std::string>& args) {
       ("batch-size", po::value(&o.batch_size)->default_value(16), "prompts per batch")
       ("limit", po::value(&o.limit)->default_value(0), "records per task (0 = all)")
       ("out", po::value(&out), "write per-item results as JSONL here");
-  if (!parse(args, d)) return cli::kExitOk;
+  po::variables_map vm;
+  if (cli::parse_or_print_help(args, d, vm)) return cli::kExitOk;
   if (mode != "ar") OPDLM_FAIL_AT("command line", "mode", "unknown mode '", mode, "' (available: ar)");
   Loaded L = load(model_path, tok_path);
   std::ofstream file;
@@ -173,6 +244,6 @@ int run_eval(const std::vector<std::string>& args) {
 
 }  // namespace
 
-OPDLM_SUBCOMMAND("generate", "decode continuations of prompts (--mode ar)", run_generate);
+OPDLM_SUBCOMMAND("generate", "decode continuations of prompts (--mode ar | diffusion)", run_generate);
 OPDLM_SUBCOMMAND("score", "per-token log-probabilities of texts or ids under a model", run_score);
 OPDLM_SUBCOMMAND("eval", "exact-match completion tasks (--mode ar)", run_eval);

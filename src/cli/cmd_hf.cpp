@@ -19,18 +19,6 @@ using namespace opdlm;
 
 namespace {
 
-// False when --help was given (and printed).
-bool parse_args(const std::vector<std::string>& args, const po::options_description& desc) {
-  po::variables_map vm;
-  po::store(po::command_line_parser(args).options(desc).run(), vm);
-  if (vm.count("help")) {
-    std::cout << desc << "\n";
-    return false;
-  }
-  po::notify(vm);
-  return true;
-}
-
 int run_import_hf(const std::vector<std::string>& args) {
   po::options_description d("opdlm import-hf: Hugging Face Qwen3 directory -> opdlm model file");
   std::string from, out, dtype;
@@ -38,7 +26,8 @@ int run_import_hf(const std::vector<std::string>& args) {
       ("from", po::value(&from)->required(), "HF directory: config.json + model.safetensors or sharded index")
       ("out", po::value(&out)->required(), "model file to write (.h5)")
       ("dtype", po::value(&dtype)->default_value("f32"), "weights dtype in the model file: f32 | bf16");
-  if (!parse_args(args, d)) return cli::kExitOk;
+  po::variables_map vm;
+  if (cli::parse_or_print_help(args, d, vm)) return cli::kExitOk;
   if (dtype != "f32" && dtype != "bf16") OPDLM_FAIL_AT("command line", "dtype", "expected f32 or bf16, got '", dtype, "'");
   model::Qwen3Weights w = io::import_hf(from, dtype == "bf16" ? DType::bf16 : DType::f32);
   // The original config.json travels along so export-hf can restore the fields opdlm does not model.
@@ -63,7 +52,8 @@ int run_export_hf(const std::vector<std::string>& args) {
       ("out", po::value(&out)->required(), "HF directory to write (replaced as a whole; tokenizer and other files in it are kept)")
       ("dtype", po::value(&dtype)->default_value("f32"), "safetensors dtype: f32 (lossless) | bf16 (round to nearest even)")
       ("shard-size-mb", po::value(&shard_mb)->default_value(0), "split into shards of at most N MiB (0: one model.safetensors)");
-  if (!parse_args(args, d)) return cli::kExitOk;
+  po::variables_map vm;
+  if (cli::parse_or_print_help(args, d, vm)) return cli::kExitOk;
   if (dtype != "f32" && dtype != "bf16") OPDLM_FAIL_AT("command line", "dtype", "expected f32 or bf16, got '", dtype, "'");
   if (shard_mb < 0) OPDLM_FAIL_AT("command line", "shard-size-mb", "must be >= 0, got ", shard_mb);
   io::HfExportOptions o;

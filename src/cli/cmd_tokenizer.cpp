@@ -28,17 +28,6 @@ constexpr const char* kUsage =
     "  train    learn a byte-level BPE tokenizer.json from text files\n\n"
     "Run `opdlm tokenizer <action> --help` for its options.\n";
 
-// Parses args into vm; returns true when --help was given (the help is printed).
-bool parse(const std::vector<std::string>& args, const po::options_description& desc, po::variables_map& vm) {
-  po::store(po::command_line_parser(args).options(desc).run(), vm);
-  if (vm.count("help")) {
-    std::cout << desc << "\n";
-    return true;
-  }
-  po::notify(vm);
-  return false;
-}
-
 int tok_encode(const std::vector<std::string>& args) {
   po::options_description desc(
       "opdlm tokenizer encode: one line of ids per input line (no BOS/EOS added)\n"
@@ -48,7 +37,7 @@ int tok_encode(const std::vector<std::string>& args) {
       ("tokenizer", po::value(&tok_path)->required(), "tokenizer.json (HF format)")
       ("jsonl", po::value(&field), "input is JSONL; encode this string field of each object");
   po::variables_map vm;
-  if (parse(args, desc, vm)) return kExitOk;
+  if (opdlm::cli::parse_or_print_help(args, desc, vm)) return kExitOk;
   const auto tok = opdlm::io::Tokenizer::from_file(tok_path);
   std::ios::sync_with_stdio(false);
   std::string line, out;
@@ -95,7 +84,7 @@ int tok_decode(const std::vector<std::string>& args) {
       ("tokenizer", po::value(&tok_path)->required(), "tokenizer.json (HF format)")
       ("json", po::bool_switch(&as_json), "print each text as a JSON string (texts may hold newlines)");
   po::variables_map vm;
-  if (parse(args, desc, vm)) return kExitOk;
+  if (opdlm::cli::parse_or_print_help(args, desc, vm)) return kExitOk;
   const auto tok = opdlm::io::Tokenizer::from_file(tok_path);
   std::ios::sync_with_stdio(false);
   std::string line;
@@ -145,7 +134,7 @@ int tok_train(const std::vector<std::string>& args) {
       ("out", po::value(&out)->required(), "tokenizer.json to write")
       ("min-frequency", po::value(&min_frequency)->default_value(2), "stop when the best pair is rarer than this");
   po::variables_map vm;
-  if (parse(args, desc, vm)) return kExitOk;
+  if (opdlm::cli::parse_or_print_help(args, desc, vm)) return kExitOk;
   const auto t0 = std::chrono::steady_clock::now();
   opdlm::io::BpeTrainerOptions o;
   o.vocab_size = vocab_size;

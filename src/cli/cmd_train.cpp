@@ -15,8 +15,10 @@ int run_train(const std::vector<std::string>& args) {
   std::vector<std::string> overrides;
   for (size_t i = 0; i < args.size(); ++i) {
     const std::string& a = args[i];
+    // "--flag value" or "--flag=value"; exact names only (--model.x must not match --mode).
+    auto is_flag = [&](const std::string& flag) { return a == flag || a.rfind(flag + "=", 0) == 0; };
     auto value = [&](const std::string& flag) -> std::string {
-      if (a.size() > flag.size() && a.compare(0, flag.size() + 1, flag + "=") == 0) return a.substr(flag.size() + 1);
+      if (a.size() > flag.size()) return a.substr(flag.size() + 1);
       if (i + 1 >= args.size()) OPDLM_FAIL_AT("command line", flag.substr(2), "missing value");
       return args[++i];
     };
@@ -25,8 +27,8 @@ int run_train(const std::vector<std::string>& args) {
                 << opdlm::train::ArTrainOptions::schema() << "\n";
       return opdlm::cli::kExitOk;
     }
-    if (a.rfind("--mode", 0) == 0) mode = value("--mode");
-    else if (a.rfind("--config", 0) == 0 && (a.size() == 8 || a[8] == '=')) config = value("--config");
+    if (is_flag("--mode")) mode = value("--mode");
+    else if (is_flag("--config")) config = value("--config");
     else overrides.push_back(a);
   }
   if (mode.empty()) OPDLM_FAIL_AT("command line", "mode", "--mode is required (ar)");

@@ -2,6 +2,7 @@
 // OPDLM_SUBCOMMAND, so adding a command touches no shared file.
 #pragma once
 
+#include <boost/program_options.hpp>
 #include <functional>
 #include <string>
 #include <vector>
@@ -20,6 +21,12 @@ struct Subcommand {
 };
 
 std::vector<Subcommand>& registry();
+
+// Parses a subcommand's flags into vm. Returns true when --help was given (the help is printed and
+// the caller should exit 0); boost::program_options errors propagate to main (exit 2).
+bool parse_or_print_help(const std::vector<std::string>& args, const boost::program_options::options_description& desc,
+                         boost::program_options::variables_map& vm,
+                         const boost::program_options::positional_options_description* positional = nullptr);
 
 struct Registrar {
   Registrar(std::string name, std::string summary, std::function<int(const std::vector<std::string>&)> run) {

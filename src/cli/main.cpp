@@ -62,12 +62,7 @@ int cmd_rng(const std::vector<std::string>& args) {
       ("position", po::value(&position)->default_value(0), "position")
       ("count", po::value(&count)->default_value(4), "number of 32-bit words");
   po::variables_map vm;
-  po::store(po::command_line_parser(args).options(desc).run(), vm);
-  if (vm.count("help")) {
-    std::cout << desc << "\n";
-    return kExitOk;
-  }
-  po::notify(vm);
+  if (opdlm::cli::parse_or_print_help(args, desc, vm)) return kExitOk;
   opdlm::CounterRng rng({seed, static_cast<opdlm::RngPurpose>(purpose), step, sample, position});
   for (uint32_t i = 0; i < count; ++i) std::printf("%u %08x %.9f\n", i, rng.u32(i), rng.uniform(i));
   return kExitOk;
@@ -82,6 +77,20 @@ namespace opdlm::cli {
 std::vector<Subcommand>& registry() {
   static std::vector<Subcommand> r;
   return r;
+}
+
+bool parse_or_print_help(const std::vector<std::string>& args, const po::options_description& desc,
+                         po::variables_map& vm, const po::positional_options_description* positional) {
+  po::command_line_parser p(args);
+  p.options(desc);
+  if (positional) p.positional(*positional);
+  po::store(p.run(), vm);
+  if (vm.count("help")) {
+    std::cout << desc << "\n";
+    return true;
+  }
+  po::notify(vm);
+  return false;
 }
 }  // namespace opdlm::cli
 

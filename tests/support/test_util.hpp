@@ -4,6 +4,7 @@
 
 #include <gtest/gtest.h>
 
+#include <filesystem>
 #include <functional>
 #include <map>
 #include <string>
@@ -26,6 +27,21 @@ double max_rel_err(const Tensor& a, const Tensor& b, double floor = 1e-12);
 double max_abs_err(const Tensor& a, const Tensor& b);
 // sum_i a_i * b_i in f64 (projects a vector output onto a fixed random direction).
 double dot(const Tensor& a, const Tensor& b);
+
+// A fresh folder per test (named after the test and the pid), removed afterwards.
+class TempDir {
+ public:
+  TempDir();
+  ~TempDir();
+  TempDir(const TempDir&) = delete;
+  TempDir& operator=(const TempDir&) = delete;
+  const std::filesystem::path& path() const { return path_; }
+  std::string file(const std::string& name) const { return (path_ / name).string(); }
+  std::string operator/(const std::string& name) const { return file(name); }
+
+ private:
+  std::filesystem::path path_;
+};
 
 // Runs f and returns the opdlm::Error text ("" when nothing was thrown).
 std::string error_of(const std::function<void()>& f);

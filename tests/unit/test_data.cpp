@@ -23,23 +23,10 @@
 
 using namespace opdlm;
 using namespace opdlm::io;
+using opdlm::test::TempDir;
 namespace fs = std::filesystem;
 
 namespace {
-
-// A fresh folder per test, removed afterwards.
-struct TempDir {
-  fs::path path;
-  TempDir() {
-    const auto* info = ::testing::UnitTest::GetInstance()->current_test_info();
-    path = fs::temp_directory_path() /
-           (std::string("opdlm_data_") + info->test_suite_name() + "_" + info->name() + "_" + std::to_string(::getpid()));
-    fs::remove_all(path);
-    fs::create_directories(path);
-  }
-  ~TempDir() { fs::remove_all(path); }
-  std::string file(const std::string& name) const { return (path / name).string(); }
-};
 
 void write_file(const std::string& path, const std::string& text) {
   std::ofstream(path, std::ios::binary) << text;
@@ -200,7 +187,7 @@ TEST(TokenShard, WriteIsAtomicAndReplaces) {
   bigger.write(path);
   EXPECT_EQ(TokenShard::read(path), bigger);
   size_t n = 0;
-  for ([[maybe_unused]] const auto& e : fs::directory_iterator(d.path)) ++n;
+  for ([[maybe_unused]] const auto& e : fs::directory_iterator(d.path())) ++n;
   EXPECT_EQ(n, 1u) << "a temporary file was left behind";
   EXPECT_ERROR_HAS(bigger.write(d.file("no/such/dir/s.bin")), "s.bin", "cannot create temporary file");
 }

@@ -73,9 +73,9 @@ void backward_kernel(const Tensor& logits, const Tensor& targets, const Tensor& 
       continue;
     }
     const double c = static_cast<double>(pg[i]) * (w ? static_cast<double>(w[i]) : 1.0);
-    const double e = pe[i];
+    const T e = pe[i];
     for (int64_t v = 0; v < V; ++v)
-      row[v] = static_cast<T>(c * (std::exp(static_cast<double>(z[i * V + v]) - e) - (v == t[i] ? 1.0 : 0.0)));
+      row[v] = static_cast<T>(c * (static_cast<double>(std::exp(z[i * V + v] - e)) - (v == t[i] ? 1.0 : 0.0)));
   }
 }
 
