@@ -23,27 +23,6 @@ std::vector<std::string> case_names(const test::Golden& g) {
   return names;
 }
 
-// Rows of "<name>.masks": kind (0 causal, 1 block_causal, 2 training), b, pad_left, P, L1, q_offset.
-std::vector<MaskDescriptor> descriptors(const test::Golden& g, const std::string& name) {
-  const Tensor& p = test::golden_get(g, name + ".masks");
-  std::vector<MaskDescriptor> out;
-  for (int64_t r = 0; r < p.size(0); ++r) {
-    auto f = [&](int c) { return static_cast<int64_t>(p.item(r * 6 + c)); };
-    switch (f(0)) {
-      case 0: out.push_back(MaskDescriptor::causal(f(2), f(5))); break;
-      case 1: out.push_back(MaskDescriptor::block_causal(f(1), f(3), f(2), f(5))); break;
-      default: out.push_back(MaskDescriptor::training(f(1), f(3), f(4), f(2))); break;
-    }
-  }
-  return out;
-}
-
-void record(const std::string& key, double err) {
-  char buf[32];
-  std::snprintf(buf, sizeof buf, "%.3e", err);
-  ::testing::Test::RecordProperty(key, buf);
-}
-
 }  // namespace
 
 TEST(MaskParity, DescriptorsMatchPyTorchMasksEveryPair) {
@@ -51,7 +30,7 @@ TEST(MaskParity, DescriptorsMatchPyTorchMasksEveryPair) {
   const std::vector<std::string> names = case_names(g);
   ASSERT_EQ(static_cast<int64_t>(names.size()), test::golden_get(g, "num_cases").item(0));
   for (const std::string& name : names) {
-    const std::vector<MaskDescriptor> masks = descriptors(g, name);
+    const std::vector<MaskDescriptor> masks = test::mask_descriptors_from_golden(test::golden_get(g, name + ".masks"));
     const Tensor& allowed = test::golden_get(g, name + ".allowed");  // [B, Tq, Tk]
     const int64_t B = allowed.size(0), Tq = allowed.size(1), Tk = allowed.size(2);
     for (int64_t b = 0; b < B; ++b) {
@@ -68,7 +47,7 @@ TEST(MaskParity, DescriptorsMatchPyTorchMasksEveryPair) {
 TEST(AttentionParity, ForwardBackwardMatchPyTorch) {
   const test::Golden g = test::load_golden("attention");
   for (const std::string& name : case_names(g)) {
-    const std::vector<MaskDescriptor> masks = descriptors(g, name);
+    const std::vector<MaskDescriptor> masks = test::mask_descriptors_from_golden(test::golden_get(g, name + ".masks"));
     const double scale = test::golden_get(g, name + ".scale").item(0);
     auto in = [&](const char* k) { return test::golden_get(g, name + "." + k); };
     // f32 as required (1e-5), and f64 on the same inputs as a check of the algorithm itself.
@@ -86,7 +65,7 @@ TEST(AttentionParity, ForwardBackwardMatchPyTorch) {
         EXPECT_LE(e, tol) << name << " " << key << " " << dtype_name(dt);
         worst = std::max(worst, e);
       }
-      record(name + "_" + dtype_name(dt) + "_max_rel_err", worst);
+      test::record_error(name + "_" + dtype_name(dt) + "_max_rel_err", worst);
     }
   }
 }

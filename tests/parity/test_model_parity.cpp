@@ -24,20 +24,6 @@ std::vector<std::string> case_names(const test::Golden& g) {
   return names;
 }
 
-// Rows of "<name>.masks": kind (0 causal, 1 block_causal, 2 training), b, pad_left, P, L1, q_offset.
-std::vector<MaskDescriptor> descriptors(const Tensor& p) {
-  std::vector<MaskDescriptor> out;
-  for (int64_t r = 0; r < p.size(0); ++r) {
-    auto f = [&](int c) { return static_cast<int64_t>(p.item(r * 6 + c)); };
-    switch (f(0)) {
-      case 0: out.push_back(MaskDescriptor::causal(f(2), f(5))); break;
-      case 1: out.push_back(MaskDescriptor::block_causal(f(1), f(3), f(2), f(5))); break;
-      default: out.push_back(MaskDescriptor::training(f(1), f(3), f(4), f(2))); break;
-    }
-  }
-  return out;
-}
-
 Qwen3Config config_of(const test::Golden& g, const std::string& name) {
   const Tensor& ci = test::golden_get(g, name + ".config_i");
   const Tensor& cf = test::golden_get(g, name + ".config_f");
@@ -56,12 +42,6 @@ Qwen3Config config_of(const test::Golden& g, const std::string& name) {
   return c;
 }
 
-void record(const std::string& key, double err) {
-  char buf[32];
-  std::snprintf(buf, sizeof buf, "%.3e", err);
-  ::testing::Test::RecordProperty(key, buf);
-}
-
 }  // namespace
 
 TEST(ModelParity, LogitsAndEveryGradientMatchPyTorch) {
@@ -70,7 +50,7 @@ TEST(ModelParity, LogitsAndEveryGradientMatchPyTorch) {
   ASSERT_EQ(static_cast<int64_t>(names.size()), test::golden_get(g, "num_cases").item(0));
   for (const std::string& name : names) {
     const Qwen3Config c = config_of(g, name);
-    const std::vector<MaskDescriptor> masks = descriptors(test::golden_get(g, name + ".masks"));
+    const std::vector<MaskDescriptor> masks = test::mask_descriptors_from_golden(test::golden_get(g, name + ".masks"));
     const Tensor& ids = test::golden_get(g, name + ".ids");
     const Tensor& positions = test::golden_get(g, name + ".positions");
     const Tensor& rows = test::golden_get(g, name + ".rows");
@@ -85,7 +65,7 @@ TEST(ModelParity, LogitsAndEveryGradientMatchPyTorch) {
       const Tensor logits = model.forward(ids, positions, masks, rows, &acts);
       const double el = test::max_rel_err(logits, test::golden_get(g, name + ".logits"));
       EXPECT_LE(el, tol) << tag << " logits";
-      record(tag + " logits", el);
+      test::record_error(tag + " logits", el);
       model.backward(acts, test::golden_get(g, name + ".dlogits").to(dt));
       double worst = 0;
       for (const auto& [wn, t] : model.grads().tensors()) {
@@ -93,7 +73,7 @@ TEST(ModelParity, LogitsAndEveryGradientMatchPyTorch) {
         EXPECT_LE(e, tol) << tag << " gradient of " << wn;
         worst = std::max(worst, e);
       }
-      record(tag + " grads", worst);
+      test::record_error(tag + " grads", worst);
       std::printf("[model parity] %-24s logits %.2e  worst gradient %.2e\n", tag.c_str(), el, worst);
     }
   }

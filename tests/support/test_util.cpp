@@ -5,7 +5,9 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <cstdio>
 #include <fstream>
+#include <sstream>
 #include <unistd.h>
 
 namespace opdlm::test {
@@ -86,6 +88,32 @@ std::string error_of(const std::function<void()>& f) {
     return e.what();
   }
   return "";
+}
+
+std::string read_file_bytes(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  std::stringstream ss;
+  ss << in.rdbuf();
+  return ss.str();
+}
+
+std::vector<ops::MaskDescriptor> mask_descriptors_from_golden(const Tensor& p) {
+  std::vector<ops::MaskDescriptor> out;
+  for (int64_t r = 0; r < p.size(0); ++r) {
+    auto f = [&](int c) { return static_cast<int64_t>(p.item(r * 6 + c)); };
+    switch (f(0)) {
+      case 0: out.push_back(ops::MaskDescriptor::causal(f(2), f(5))); break;
+      case 1: out.push_back(ops::MaskDescriptor::block_causal(f(1), f(3), f(2), f(5))); break;
+      default: out.push_back(ops::MaskDescriptor::training(f(1), f(3), f(4), f(2))); break;
+    }
+  }
+  return out;
+}
+
+void record_error(const std::string& key, double err) {
+  char buf[32];
+  std::snprintf(buf, sizeof buf, "%.3e", err);
+  ::testing::Test::RecordProperty(key, buf);
 }
 
 std::string golden_dir() {

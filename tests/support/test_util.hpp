@@ -10,6 +10,7 @@
 #include <string>
 
 #include "opdlm/base/rng.hpp"
+#include "opdlm/ops/mask.hpp"
 #include "opdlm/tensor/tensor.hpp"
 
 namespace opdlm::test {
@@ -45,6 +46,16 @@ class TempDir {
 
 // Runs f and returns the opdlm::Error text ("" when nothing was thrown).
 std::string error_of(const std::function<void()>& f);
+
+// The whole file as bytes ("" when it cannot be read).
+std::string read_file_bytes(const std::string& path);
+
+// Mask descriptors from a golden i32 tensor [n, 6]: kind (0 causal, 1 block_causal, 2 training),
+// b, pad_left, prompt_len, response_len, q_offset (tests/golden/gen_attention.py writes them).
+std::vector<ops::MaskDescriptor> mask_descriptors_from_golden(const Tensor& params);
+
+// Records an error figure as a gtest property (shows in the XML report and with --gtest_output).
+void record_error(const std::string& key, double err);
 
 // Cases written by tests/golden/*.py: name -> tensor (f32, f64 or i32), one file per op group.
 using Golden = std::map<std::string, Tensor>;

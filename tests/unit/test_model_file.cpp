@@ -21,13 +21,6 @@ namespace fs = std::filesystem;
 
 namespace {
 
-std::string read_bytes(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  std::stringstream ss;
-  ss << in.rdbuf();
-  return ss.str();
-}
-
 model::Qwen3Weights tiny(bool tied, DType dtype, uint32_t seed) {
   model::Qwen3Config c;
   c.vocab_size = 24;
@@ -101,11 +94,11 @@ TEST(ModelFile, FailedSaveKeepsPreviousFile) {
   const std::string p = tmp / "m.h5";
   model::Qwen3Weights good = tiny(false, DType::f32, 6);
   save_model(p, good);
-  const std::string before = read_bytes(p);
+  const std::string before = test::read_file_bytes(p);
   model::Qwen3Weights bad = tiny(false, DType::f32, 7);
   bad.tensors().back().value = Tensor({2, 2});  // lm_head: fails after the other tensors are written
   EXPECT_ERROR_HAS(save_model(p, bad), p.c_str(), "lm_head.weight", "f32[2, 2]");
-  EXPECT_EQ(read_bytes(p), before);
+  EXPECT_EQ(test::read_file_bytes(p), before);
   EXPECT_FALSE(fs::exists(temp_path_for(p)));
   expect_bitwise(good, load_model(p));
   EXPECT_ERROR_HAS(save_model(tmp.operator/("no_such_dir/m.h5"), good), "no_such_dir");
@@ -207,13 +200,13 @@ TEST(ModelFile, AtomicWriteAndSha256Helpers) {
   TempDir tmp;
   const std::string p = tmp / "f.txt";
   atomic_write_bytes(p, "hello");
-  EXPECT_EQ(read_bytes(p), "hello");
+  EXPECT_EQ(test::read_file_bytes(p), "hello");
   EXPECT_THROW(atomic_write_file(p, [](const std::string& t) {
                  std::ofstream(t) << "partial";
                  OPDLM_FAIL("writer failed");
                }),
                Error);
-  EXPECT_EQ(read_bytes(p), "hello");
+  EXPECT_EQ(test::read_file_bytes(p), "hello");
   EXPECT_FALSE(fs::exists(temp_path_for(p)));
   EXPECT_EQ(sha256_file(p), "2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824");
   EXPECT_EQ(sha256_hex("abc", 3), "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
@@ -222,13 +215,13 @@ TEST(ModelFile, AtomicWriteAndSha256Helpers) {
   atomic_write_dir(d, [](const std::string& t) { std::ofstream(t + "/a") << "1"; });
   atomic_write_dir(d, [](const std::string& t) { std::ofstream(t + "/b") << "2"; });
   EXPECT_FALSE(fs::exists(d + "/a"));
-  EXPECT_EQ(read_bytes(d + "/b"), "2");
+  EXPECT_EQ(test::read_file_bytes(d + "/b"), "2");
   EXPECT_THROW(atomic_write_dir(d, [](const std::string& t) {
                  std::ofstream(t + "/c") << "3";
                  OPDLM_FAIL("writer failed");
                }),
                Error);
-  EXPECT_EQ(read_bytes(d + "/b"), "2");
+  EXPECT_EQ(test::read_file_bytes(d + "/b"), "2");
   EXPECT_FALSE(fs::exists(d + "/c"));
   EXPECT_FALSE(fs::exists(temp_path_for(d)));
 }

@@ -28,13 +28,6 @@ namespace fs = std::filesystem;
 
 namespace {
 
-std::string read_bytes(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  std::stringstream ss;
-  ss << in.rdbuf();
-  return ss.str();
-}
-
 void write_bytes(const std::string& path, const std::string& bytes) {
   std::ofstream out(path, std::ios::binary | std::ios::trunc);
   out.write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
@@ -90,7 +83,7 @@ void expect_weights_bitwise(const model::Qwen3Weights& a, const model::Qwen3Weig
 // name -> bytes of every file in a directory (non-recursive).
 std::map<std::string, std::string> dir_contents(const fs::path& d) {
   std::map<std::string, std::string> m;
-  for (const auto& e : fs::directory_iterator(d)) m[e.path().filename().string()] = read_bytes(e.path().string());
+  for (const auto& e : fs::directory_iterator(d)) m[e.path().filename().string()] = test::read_file_bytes(e.path().string());
   return m;
 }
 
@@ -159,7 +152,7 @@ TEST(Safetensors, WriteReadRoundTripF32AndBf16) {
   EXPECT_TRUE(same_bits(r.read("b.bf16", DType::bf16), b));  // bf16 -> F32 -> bf16 is exact
   EXPECT_EQ(r.read_f32("e").shape(), (Shape{0, 4}));
   uint64_t hl = 0;
-  std::memcpy(&hl, read_bytes(f32).data(), 8);
+  std::memcpy(&hl, test::read_file_bytes(f32).data(), 8);
   EXPECT_EQ(hl % 8, 0u);  // header padded so the data is 8-byte aligned
 
   const std::string bf = tmp / "bf16.safetensors";
@@ -174,7 +167,7 @@ TEST(Safetensors, WriteReadRoundTripF32AndBf16) {
   // Writing what was read reproduces the file byte for byte.
   std::vector<model::NamedTensor> again = {{"a", rb.read_f32("a")}, {"b.bf16", rb.read_f32("b.bf16")}, {"e", empty}};
   write_safetensors(tmp / "bf16_again.safetensors", again, StoreDType::bf16, {{"k", "v"}});
-  EXPECT_EQ(read_bytes(tmp / "bf16_again.safetensors"), read_bytes(bf));
+  EXPECT_EQ(test::read_file_bytes(tmp / "bf16_again.safetensors"), test::read_file_bytes(bf));
 }
 
 TEST(Safetensors, ReadsF16AndUnpaddedHandWrittenFile) {
@@ -274,10 +267,10 @@ TEST(Safetensors, WriterRejectsBadInputAndKeepsOldFile) {
   TempDir tmp;
   const std::string p = tmp / "w.safetensors";
   write_safetensors(p, {{"a", Tensor::full({2}, 1.0)}}, StoreDType::f32);
-  const std::string before = read_bytes(p);
+  const std::string before = test::read_file_bytes(p);
   EXPECT_ERROR_HAS(write_safetensors(p, {{"a", Tensor({2})}, {"a", Tensor({2})}}, StoreDType::f32), "given twice", "a");
   EXPECT_ERROR_HAS(write_safetensors(p, {{"i", Tensor({2}, DType::i32)}}, StoreDType::f32), "f32 or bf16", "i");
-  EXPECT_EQ(read_bytes(p), before);
+  EXPECT_EQ(test::read_file_bytes(p), before);
   EXPECT_FALSE(fs::exists(temp_path_for(p)));
 }
 
@@ -306,7 +299,7 @@ TEST(Safetensors, MatchesIndependentNumpyImplementation) {
   std::string expect;
   for (const char* n : {"a.second", "z.first"})
     expect += std::string(n) + " BF16 4x3 " + sha256_hex(r.raw(n), r.entry(n).end - r.entry(n).begin) + "\n";
-  EXPECT_EQ(read_bytes(out), expect);
+  EXPECT_EQ(test::read_file_bytes(out), expect);
 }
 
 // ---- Hugging Face directories -------------------------------------------------------------------
@@ -319,7 +312,7 @@ TEST(HfInterchange, RoundTripF32IsBitwise) {
   EXPECT_FALSE(fs::exists(tmp / "a/model.safetensors.index.json"));
   model::Qwen3Weights back = import_hf(tmp / "a");
   expect_weights_bitwise(w, back);
-  nlohmann::json cfg = nlohmann::json::parse(read_bytes(tmp / "a/config.json"));
+  nlohmann::json cfg = nlohmann::json::parse(test::read_file_bytes(tmp / "a/config.json"));
   EXPECT_EQ(cfg["torch_dtype"], "float32");
   EXPECT_EQ(cfg["tie_word_embeddings"], false);
   export_hf(back, tmp / "b");
@@ -331,7 +324,7 @@ TEST(HfInterchange, ExportKeepsBaseConfigFields) {
   HfExportOptions o;
   o.base_config = {{"eos_token_id", {3, 7}}, {"use_cache", true}, {"hidden_size", 999}, {"torch_dtype", "bfloat16"}};
   export_hf(tiny_weights(true, 9), tmp / "a", o);
-  auto cfg = nlohmann::json::parse(read_bytes(tmp / "a/config.json"));
+  auto cfg = nlohmann::json::parse(test::read_file_bytes(tmp / "a/config.json"));
   EXPECT_EQ(cfg["use_cache"], true);                      // unknown to opdlm: kept
   EXPECT_EQ(cfg["eos_token_id"], nlohmann::json({3, 7}));  // list starting with our id: kept
   EXPECT_EQ(cfg["hidden_size"], 16);                      // ours wins
@@ -348,13 +341,13 @@ TEST(HfInterchange, RoundTripBf16AndShardedIsBitwise) {
   export_hf(w, tmp / "a", o);
   ASSERT_TRUE(fs::exists(tmp / "a/model.safetensors.index.json"));
   EXPECT_FALSE(fs::exists(tmp / "a/model.safetensors"));
-  auto index = nlohmann::json::parse(read_bytes(tmp / "a/model.safetensors.index.json"));
+  auto index = nlohmann::json::parse(test::read_file_bytes(tmp / "a/model.safetensors.index.json"));
   const size_t n_shards = std::count_if(fs::directory_iterator(tmp.path() / "a"), fs::directory_iterator(),
                                         [](const auto& e) { return e.path().extension() == ".safetensors"; });
   EXPECT_GT(n_shards, 2u);
   EXPECT_EQ(index["weight_map"]["model.embed_tokens.weight"], "model-00001-of-" + std::string(5 - std::to_string(n_shards).size(), '0') + std::to_string(n_shards) + ".safetensors");
   EXPECT_EQ(index["metadata"]["total_size"], w.numel() * 2);
-  EXPECT_EQ(nlohmann::json::parse(read_bytes(tmp / "a/config.json"))["torch_dtype"], "bfloat16");
+  EXPECT_EQ(nlohmann::json::parse(test::read_file_bytes(tmp / "a/config.json"))["torch_dtype"], "bfloat16");
 
   model::Qwen3Weights x1 = import_hf(tmp / "a");  // f32 holding bf16 values
   for (size_t i = 0; i < w.tensors().size(); ++i) {  // equals w rounded to bf16
@@ -437,7 +430,7 @@ TEST(HfInterchange, MalformedDirectoriesNameFileAndTensor) {
   {
     // A dtype the config cannot use: rewrite a tensor's entry as I32 by hand.
     auto d = make("dtype", with([&](auto&) {}));
-    std::string bytes = read_bytes(d + "/model.safetensors");
+    std::string bytes = test::read_file_bytes(d + "/model.safetensors");
     const size_t at = bytes.find("\"model.norm.weight\":{\"dtype\":\"F32\"");
     ASSERT_NE(at, std::string::npos);
     bytes.replace(bytes.find("F32", at), 3, "I32");
@@ -460,7 +453,7 @@ TEST(HfInterchange, MalformedDirectoriesNameFileAndTensor) {
     return tmp / name;
   };
   auto edit_index = [&](const std::string& d, auto edit) {
-    auto j = nlohmann::json::parse(read_bytes(d + "/model.safetensors.index.json"));
+    auto j = nlohmann::json::parse(test::read_file_bytes(d + "/model.safetensors.index.json"));
     edit(j);
     write_bytes(d + "/model.safetensors.index.json", j.dump());
   };
@@ -520,7 +513,7 @@ TEST(HfInterchange, FailedExportKeepsPreviousDirectory) {
   // A good export replaces the model files and keeps the tokenizer.
   model::Qwen3Weights good = tiny_weights(false, 7);
   export_hf(good, out);
-  EXPECT_EQ(read_bytes(out + "/tokenizer.json"), "{\"tok\": 1}");
+  EXPECT_EQ(test::read_file_bytes(out + "/tokenizer.json"), "{\"tok\": 1}");
   EXPECT_FALSE(fs::exists(out + "/model.safetensors.index.json"));  // old shards are gone
   expect_weights_bitwise(good, import_hf(out));
 }
@@ -537,22 +530,22 @@ TEST(HfInterchange, CommandsImportExportAndKeepOutputOnFailure) {
   auto run = [&](const std::string& args) {
     return std::system((exe.string() + " " + args + " > " + (tmp / "log.txt") + " 2>&1").c_str());
   };
-  ASSERT_EQ(run("import-hf --from " + (tmp / "hf") + " --out " + (tmp / "m.h5")), 0) << read_bytes(tmp / "log.txt");
+  ASSERT_EQ(run("import-hf --from " + (tmp / "hf") + " --out " + (tmp / "m.h5")), 0) << test::read_file_bytes(tmp / "log.txt");
   ASSERT_EQ(run("export-hf --model " + (tmp / "m.h5") + " --out " + (tmp / "hf2") + " --dtype bf16"), 0)
-      << read_bytes(tmp / "log.txt");
+      << test::read_file_bytes(tmp / "log.txt");
   EXPECT_EQ(dir_contents(tmp.path() / "hf"), dir_contents(tmp.path() / "hf2"));
   // A failing import leaves the existing model file as it was, exits non-zero with the reason.
-  const std::string good = read_bytes(tmp / "m.h5");
+  const std::string good = test::read_file_bytes(tmp / "m.h5");
   fs::remove(tmp / "hf/model.safetensors");
   EXPECT_NE(run("import-hf --from " + (tmp / "hf") + " --out " + (tmp / "m.h5")), 0);
-  EXPECT_NE(read_bytes(tmp / "log.txt").find("no model.safetensors"), std::string::npos) << read_bytes(tmp / "log.txt");
-  EXPECT_EQ(read_bytes(tmp / "m.h5"), good);
+  EXPECT_NE(test::read_file_bytes(tmp / "log.txt").find("no model.safetensors"), std::string::npos) << test::read_file_bytes(tmp / "log.txt");
+  EXPECT_EQ(test::read_file_bytes(tmp / "m.h5"), good);
   // A failing export (corrupt model file) leaves the existing directory as it was.
   const auto before = dir_contents(tmp.path() / "hf2");
   std::string broken = good;
   broken.resize(broken.size() / 2);
   write_bytes(tmp / "broken.h5", broken);
   EXPECT_NE(run("export-hf --model " + (tmp / "broken.h5") + " --out " + (tmp / "hf2")), 0);
-  EXPECT_NE(read_bytes(tmp / "log.txt").find("broken.h5"), std::string::npos) << read_bytes(tmp / "log.txt");
+  EXPECT_NE(test::read_file_bytes(tmp / "log.txt").find("broken.h5"), std::string::npos) << test::read_file_bytes(tmp / "log.txt");
   EXPECT_EQ(dir_contents(tmp.path() / "hf2"), before);
 }
