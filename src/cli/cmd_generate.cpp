@@ -37,6 +37,21 @@ Loaded load(const std::string& model_path, std::string tok_path) {
   return {model::Qwen3Model::teacher(io::load_model(model_path)), io::Tokenizer::from_file(tok_path)};
 }
 
+// Records [start, start + size) encoded, with their index in the file as the global sample id
+// (so a record decodes the same whatever the batch size).
+struct PromptBatch {
+  std::vector<std::vector<int32_t>> prompts;
+  std::vector<uint32_t> sample_ids;
+};
+PromptBatch encode_batch(const io::Tokenizer& tok, const std::vector<io::PromptRecord>& recs, size_t start, size_t size) {
+  PromptBatch b;
+  for (size_t i = start; i < std::min(recs.size(), start + size); ++i) {
+    b.prompts.push_back(tok.encode(recs[i].prompt));
+    b.sample_ids.push_back(static_cast<uint32_t>(i));
+  }
+  return b;
+}
+
 // --mode diffusion has its own flags: peek at --mode before parsing, so the ar flags stay as they are.
 bool mode_is(const std::vector<std::string>& args, const std::string& want) {
   for (size_t i = 0; i < args.size(); ++i) {
@@ -89,13 +104,8 @@ int run_generate_diffusion(const std::vector<std::string>& args) {
   if (!out.empty()) file.open(out);
   std::ostream& os = out.empty() ? std::cout : file;
   for (size_t s = 0; s < recs.size(); s += static_cast<size_t>(batch)) {
-    std::vector<std::vector<int32_t>> prompts;
-    std::vector<uint32_t> ids;
-    for (size_t i = s; i < std::min(recs.size(), s + static_cast<size_t>(batch)); ++i) {
-      prompts.push_back(L.tok.encode(recs[i].prompt));
-      ids.push_back(static_cast<uint32_t>(i));
-    }
-    const auto rs = diffusion::bd_generate(L.model, prompts, ids, g);
+    const PromptBatch pb = encode_batch(L.tok, recs, s, static_cast<size_t>(batch));
+    const auto rs = diffusion::bd_generate(L.model, pb.prompts, pb.sample_ids, g);
     for (size_t i = 0; i < rs.size(); ++i) {
       const auto& r = rs[i];
       nlohmann::json j{{"id", recs[s + i].id}, {"prompt", recs[s + i].prompt}, {"status", diffusion::rollout_status_name(r.status)}};
@@ -146,13 +156,8 @@ int run_generate(const std::vector<std::string>& args) {
   if (!out.empty()) file.open(out);
   std::ostream& os = out.empty() ? std::cout : file;
   for (size_t s = 0; s < recs.size(); s += static_cast<size_t>(batch)) {
-    std::vector<std::vector<int32_t>> prompts;
-    std::vector<uint32_t> ids;
-    for (size_t i = s; i < std::min(recs.size(), s + static_cast<size_t>(batch)); ++i) {
-      prompts.push_back(L.tok.encode(recs[i].prompt));
-      ids.push_back(static_cast<uint32_t>(i));
-    }
-    auto gens = model::ar_generate(L.model, prompts, ids, g);
+    const PromptBatch pb = encode_batch(L.tok, recs, s, static_cast<size_t>(batch));
+    auto gens = model::ar_generate(L.model, pb.prompts, pb.sample_ids, g);
     for (size_t i = 0; i < gens.size(); ++i)
       os << nlohmann::json{{"id", recs[s + i].id}, {"prompt", recs[s + i].prompt}, {"ids", gens[i].tokens},
                            {"text", L.tok.decode(gens[i].tokens)}, {"eos", gens[i].stopped_at_eos}}.dump()
