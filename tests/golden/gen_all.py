@@ -30,6 +30,7 @@ def main():
         spec = importlib.util.spec_from_file_location("gen_" + group, path)
         mod = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(mod)
+        mod.OUT_DIR = a.out  # groups that write whole files (gen_opd) put them beside the .bin
         w = GoldenWriter()
         mod.build(w)
         w.save(os.path.join(a.out, group + ".bin"))

@@ -1,0 +1,571 @@
+// The conversion loop: rollouts -> training rows -> teacher targets -> row losses -> AdamW, with
+// budget counters and the state-KL probe written to RUN/metrics.jsonl.
+#include "opdlm/train/opd_trainer.hpp"
+
+#include <chrono>
+#include <cmath>
+#include <filesystem>
+#include <fstream>
+#include <nlohmann/json.hpp>
+#include <numbers>
+
+#include "opdlm/base/error.hpp"
+#include "opdlm/base/log.hpp"
+#include "opdlm/io/jsonl_dataset.hpp"
+#include "opdlm/io/model_file.hpp"
+#include "opdlm/io/token_shard.hpp"
+#include "opdlm/io/tokenizer.hpp"
+#include "opdlm/model/ar_generate.hpp"
+#include "opdlm/ops/grad_norm.hpp"
+
+namespace po = boost::program_options;
+
+namespace opdlm::train {
+
+const char* conversion_mode_name(ConversionMode m) {
+  switch (m) {
+    case ConversionMode::opd: return "opd";
+    case ConversionMode::rm_kl: return "rm-kl";
+    case ConversionMode::rm_ce: return "rm-ce";
+  }
+  return "?";
+}
+
+ConversionMode parse_conversion_mode(const std::string& s, const std::string& where) {
+  if (s == "opd") return ConversionMode::opd;
+  if (s == "rm-kl") return ConversionMode::rm_kl;
+  if (s == "rm-ce") return ConversionMode::rm_ce;
+  OPDLM_FAIL_AT(where, "mode", "unknown conversion mode '", s, "' (opd, rm-kl, rm-ce)");
+}
+
+int64_t max_rollout_length(int64_t step, int64_t start, int64_t max_new, int64_t ramp_steps, int64_t b) {
+  if (ramp_steps <= 0 || start <= 0 || start >= max_new) return max_new;
+  const double prog = std::min(1.0, static_cast<double>(step) / static_cast<double>(ramp_steps));
+  const double m = static_cast<double>(start) +
+                   static_cast<double>(max_new - start) * (1.0 - std::cos(std::numbers::pi / 2 * prog));
+  const int64_t r = static_cast<int64_t>(std::llround(m / static_cast<double>(b))) * b;
+  return std::clamp<int64_t>(r, b, std::max(b, max_new));
+}
+
+po::options_description OpdTrainOptions::schema() {
+  po::options_description d("opdlm train --mode opd | rm-kl | rm-ce");
+  d.add_options()
+      ("model.teacher", po::value<std::string>()->default_value(""), "frozen teacher model.h5")
+      ("model.student_init", po::value<std::string>()->default_value(""), "student model.h5 (empty: the teacher's weights)")
+      ("model.tokenizer", po::value<std::string>()->default_value(""), "tokenizer.json of the prompts")
+      ("data.prompts", po::value<std::string>()->default_value(""), "conversion prompts JSONL")
+      ("data.prompts_per_step", po::value<int64_t>()->default_value(16), "rollouts per RL step")
+      ("data.rows_per_update", po::value<int64_t>()->default_value(8), "training rows per optimizer step")
+      ("data.max_prompt_tokens", po::value<int64_t>()->default_value(0), "skip longer prompts (0: no limit)")
+      ("rollout.block_size", po::value<int64_t>()->default_value(4), "block size b")
+      ("rollout.steps_per_block", po::value<int64_t>()->default_value(4), "denoising steps per block s")
+      ("rollout.strategy", po::value<std::string>()->default_value("low_confidence_dynamic"), "sampler strategy")
+      ("rollout.tau", po::value<double>()->default_value(0.9), "low_confidence_dynamic threshold")
+      ("rollout.entropy_bound", po::value<double>()->default_value(1.0), "entropy_bounded gamma (nats)")
+      ("rollout.temperature", po::value<double>()->default_value(1.0), "rollout temperature (0: greedy)")
+      ("rollout.top_k", po::value<int64_t>()->default_value(0), "rollout top-k (0: off)")
+      ("rollout.top_p", po::value<double>()->default_value(1.0), "rollout top-p (1: off)")
+      ("rollout.max_new_tokens", po::value<int64_t>()->default_value(64), "maximum response length (after the ramp)")
+      ("rollout.ramp_start_tokens", po::value<int64_t>()->default_value(0), "response length at step 0 (0: no ramp)")
+      ("rollout.ramp_steps", po::value<int64_t>()->default_value(0), "RL steps of the cosine length ramp")
+      ("loss.divergence", po::value<std::string>()->default_value("forward_kl"), "forward_kl | reverse_kl | mixture | jsd | topk_forward_kl")
+      ("loss.reverse_weight", po::value<double>()->default_value(0.0), "mixture: weight of KL(u||t)")
+      ("loss.jsd_alpha", po::value<double>()->default_value(0.5), "jsd: alpha")
+      ("loss.topk", po::value<int64_t>()->default_value(16), "topk_forward_kl: K")
+      ("loss.state_selection", po::value<std::string>()->default_value("one_per_block"), "one_per_block | all_rounds (opd)")
+      ("loss.exclude_eos", po::value<bool>()->default_value(true), "no loss at the EOS position")
+      ("loss.ce_source", po::value<std::string>()->default_value("gold"), "rm-ce responses: gold | rollout | teacher")
+      ("loss.ce_weighting", po::value<std::string>()->default_value("inverse_t"), "rm-ce weights: inverse_t | marginal")
+      ("loss.ce_t_min", po::value<double>()->default_value(1e-3), "rm-ce: clamp of t in 1/t")
+      ("optim.rl_steps", po::value<int64_t>()->default_value(100), "RL steps (one rollout batch each)")
+      ("optim.max_train_tokens", po::value<int64_t>()->default_value(0), "stop at this many training tokens (0: off)")
+      ("optim.lr", po::value<double>()->default_value(1e-4), "peak learning rate")
+      ("optim.min_lr_ratio", po::value<double>()->default_value(0.1), "cosine floor / peak")
+      ("optim.warmup_steps", po::value<int64_t>()->default_value(5), "linear warm-up (optimizer steps)")
+      ("optim.max_steps", po::value<int64_t>()->default_value(0), "cosine horizon in optimizer steps (0: from rl_steps)")
+      ("optim.weight_decay", po::value<double>()->default_value(0.0), "AdamW decoupled decay (matrices only)")
+      ("optim.beta1", po::value<double>()->default_value(0.9), "AdamW beta1")
+      ("optim.beta2", po::value<double>()->default_value(0.999), "AdamW beta2")
+      ("optim.eps", po::value<double>()->default_value(1e-8), "AdamW epsilon")
+      ("optim.grad_clip", po::value<double>()->default_value(1.0), "global-norm clip (0: off)")
+      ("eval.probe_prompts", po::value<std::string>()->default_value(""), "held-out prompts for the state-KL probe")
+      ("eval.probe_every", po::value<int64_t>()->default_value(0), "RL steps between probes (0: start and end)")
+      ("eval.probe_limit", po::value<int64_t>()->default_value(32), "probe prompts used")
+      ("run.out_dir", po::value<std::string>()->default_value(""), "output directory")
+      ("run.seed", po::value<uint32_t>()->default_value(1234), "seed (prompt order, rollouts, states)")
+      ("run.log_every", po::value<int64_t>()->default_value(1), "RL steps between log lines")
+      ("run.save_every", po::value<int64_t>()->default_value(0), "RL steps between model saves (0: end only)");
+  return d;
+}
+
+OpdTrainOptions OpdTrainOptions::from_config(const ResolvedConfig& c, ConversionMode mode) {
+  OpdTrainOptions o;
+  auto where = [&](const char* key) { return c.origin.count(key) ? c.origin.at(key) : std::string("config"); };
+  auto positive = [&](const char* key, int64_t v, int64_t lo) {
+    if (v < lo) OPDLM_FAIL_AT(where(key), key, "must be >= ", lo, ", got ", v);
+    return v;
+  };
+  o.mode = mode;
+  o.teacher = c.get<std::string>("model.teacher");
+  o.student_init = c.get<std::string>("model.student_init");
+  o.tokenizer = c.get<std::string>("model.tokenizer");
+  o.prompts = c.get<std::string>("data.prompts");
+  o.prompts_per_step = positive("data.prompts_per_step", c.get<int64_t>("data.prompts_per_step"), 1);
+  o.rows_per_update = positive("data.rows_per_update", c.get<int64_t>("data.rows_per_update"), 1);
+  o.max_prompt_tokens = positive("data.max_prompt_tokens", c.get<int64_t>("data.max_prompt_tokens"), 0);
+  auto& s = o.sampler;
+  s.block_size = positive("rollout.block_size", c.get<int64_t>("rollout.block_size"), 1);
+  s.steps_per_block = positive("rollout.steps_per_block", c.get<int64_t>("rollout.steps_per_block"), 1);
+  s.strategy = diffusion::parse_strategy(c.get<std::string>("rollout.strategy"), where("rollout.strategy") + ": rollout.strategy");
+  s.tau = c.get<double>("rollout.tau");
+  s.entropy_bound = c.get<double>("rollout.entropy_bound");
+  s.sampling.temperature = c.get<double>("rollout.temperature");
+  s.sampling.top_k = c.get<int64_t>("rollout.top_k");
+  s.sampling.top_p = c.get<double>("rollout.top_p");
+  s.max_new_tokens = positive("rollout.max_new_tokens", c.get<int64_t>("rollout.max_new_tokens"), 1);
+  o.ramp_start_tokens = positive("rollout.ramp_start_tokens", c.get<int64_t>("rollout.ramp_start_tokens"), 0);
+  o.ramp_steps = positive("rollout.ramp_steps", c.get<int64_t>("rollout.ramp_steps"), 0);
+  require_range(c, "rollout.tau", 0, 1);
+  auto& d = o.loss.divergence;
+  try {
+    d.kind = ops::parse_divergence(c.get<std::string>("loss.divergence"));
+  } catch (const Error& e) {
+    OPDLM_FAIL_AT(where("loss.divergence"), "loss.divergence", e.what());
+  }
+  d.reverse_weight = c.get<double>("loss.reverse_weight");
+  d.jsd_alpha = c.get<double>("loss.jsd_alpha");
+  d.topk = positive("loss.topk", c.get<int64_t>("loss.topk"), 1);
+  require_range(c, "loss.reverse_weight", 0, 1);
+  require_range(c, "loss.jsd_alpha", 1e-9, 1 - 1e-9);
+  o.loss.exclude_eos = c.get<bool>("loss.exclude_eos");
+  o.loss.ce_t_min = c.get<double>("loss.ce_t_min");
+  require_range(c, "loss.ce_t_min", 1e-9, 1);
+  const std::string sel = c.get<std::string>("loss.state_selection");
+  if (sel == "one_per_block") o.selection = StateSelection::one_per_block;
+  else if (sel == "all_rounds") o.selection = StateSelection::all_rounds;
+  else OPDLM_FAIL_AT(where("loss.state_selection"), "loss.state_selection", "unknown '", sel, "' (one_per_block, all_rounds)");
+  const std::string src = c.get<std::string>("loss.ce_source");
+  if (src == "gold") o.ce_source = CeSource::gold;
+  else if (src == "rollout") o.ce_source = CeSource::rollout;
+  else if (src == "teacher") o.ce_source = CeSource::teacher;
+  else OPDLM_FAIL_AT(where("loss.ce_source"), "loss.ce_source", "unknown '", src, "' (gold, rollout, teacher)");
+  const std::string wt = c.get<std::string>("loss.ce_weighting");
+  if (wt == "inverse_t") o.loss.ce_weighting = CeWeighting::inverse_t;
+  else if (wt == "marginal") o.loss.ce_weighting = CeWeighting::marginal;
+  else OPDLM_FAIL_AT(where("loss.ce_weighting"), "loss.ce_weighting", "unknown '", wt, "' (inverse_t, marginal)");
+  o.loss.objective = mode == ConversionMode::rm_ce ? RowObjective::masked_ce : RowObjective::teacher_kl;
+  o.loss.block_size = s.block_size;
+
+  o.rl_steps = positive("optim.rl_steps", c.get<int64_t>("optim.rl_steps"), 1);
+  o.max_train_tokens = positive("optim.max_train_tokens", c.get<int64_t>("optim.max_train_tokens"), 0);
+  o.schedule.peak_lr = c.get<double>("optim.lr");
+  o.schedule.min_ratio = c.get<double>("optim.min_lr_ratio");
+  o.schedule.warmup_steps = c.get<int64_t>("optim.warmup_steps");
+  o.schedule.total_steps = positive("optim.max_steps", c.get<int64_t>("optim.max_steps"), 0);
+  if (o.schedule.total_steps == 0)  // the reference's estimate: every prompt yields a row (B 6.4)
+    o.schedule.total_steps = o.rl_steps * ((o.prompts_per_step + o.rows_per_update - 1) / o.rows_per_update);
+  o.adam.weight_decay = c.get<double>("optim.weight_decay");
+  o.adam.beta1 = c.get<double>("optim.beta1");
+  o.adam.beta2 = c.get<double>("optim.beta2");
+  o.adam.eps = c.get<double>("optim.eps");
+  o.grad_clip = c.get<double>("optim.grad_clip");
+  require_range(c, "optim.beta1", 0, 0.999999);
+  require_range(c, "optim.beta2", 0, 0.999999);
+  if (!(o.grad_clip >= 0)) OPDLM_FAIL_AT(where("optim.grad_clip"), "optim.grad_clip", "must be >= 0");
+  o.schedule.validate();
+  o.probe_prompts = c.get<std::string>("eval.probe_prompts");
+  o.probe_every = positive("eval.probe_every", c.get<int64_t>("eval.probe_every"), 0);
+  o.probe_limit = positive("eval.probe_limit", c.get<int64_t>("eval.probe_limit"), 1);
+  o.out_dir = c.get<std::string>("run.out_dir");
+  o.seed = c.get<uint32_t>("run.seed");
+  o.log_every = positive("run.log_every", c.get<int64_t>("run.log_every"), 1);
+  o.save_every = positive("run.save_every", c.get<int64_t>("run.save_every"), 0);
+
+  if (o.out_dir.empty()) OPDLM_FAIL_AT(where("run.out_dir"), "run.out_dir", "an output directory is required");
+  if (o.prompts.empty()) OPDLM_FAIL_AT(where("data.prompts"), "data.prompts", "a conversion prompt JSONL is required");
+  if (o.tokenizer.empty()) OPDLM_FAIL_AT(where("model.tokenizer"), "model.tokenizer", "the prompts need a tokenizer");
+  const bool needs_teacher = mode != ConversionMode::rm_ce || o.ce_source == CeSource::teacher;
+  if (o.teacher.empty() && (needs_teacher || o.student_init.empty()))
+    OPDLM_FAIL_AT(where("model.teacher"), "model.teacher",
+                  needs_teacher ? "the teacher model is required for this mode" : "set model.teacher or model.student_init");
+  if (!o.probe_prompts.empty() && o.teacher.empty())
+    OPDLM_FAIL_AT(where("eval.probe_prompts"), "eval.probe_prompts", "the state-KL probe needs model.teacher");
+  return o;
+}
+
+namespace {
+
+class MetricsLog {
+ public:
+  explicit MetricsLog(const std::string& path) : out_(path, std::ios::app) {
+    if (!out_) OPDLM_FAIL_AT(path, "", "cannot open the metrics log for appending");
+  }
+  void write(const nlohmann::json& j) {
+    out_ << j.dump() << "\n";
+    out_.flush();
+  }
+
+ private:
+  std::ofstream out_;
+};
+
+struct EncodedPrompt {
+  std::string id;
+  std::vector<int32_t> prompt, gold;  // gold: encoded response + EOS (rm-ce gold), empty if none
+  std::string error;                  // why it is skipped ("" = usable)
+};
+
+// Encodes every record once; a record that cannot be used is kept with its reason (skipped per
+// sample whenever it comes up, never a crash).
+std::vector<EncodedPrompt> encode_prompts(const io::PromptDataset& ds, const io::Tokenizer& tok, int64_t vocab,
+                                          int32_t eos, int64_t max_prompt_tokens, bool need_gold,
+                                          const std::string& path) {
+  std::vector<EncodedPrompt> out;
+  for (const auto& r : ds.records) {
+    EncodedPrompt e{r.id, {}, {}, ""};
+    try {
+      e.prompt = tok.encode(r.prompt);
+      if (r.response) e.gold = tok.encode(*r.response);
+    } catch (const Error& err) {
+      e.error = err.what();
+    }
+    if (e.error.empty() && e.prompt.empty()) e.error = "empty prompt";
+    if (e.error.empty() && max_prompt_tokens > 0 && static_cast<int64_t>(e.prompt.size()) > max_prompt_tokens)
+      e.error = "prompt has " + std::to_string(e.prompt.size()) + " tokens > data.max_prompt_tokens";
+    for (int32_t t : e.prompt)
+      if (e.error.empty() && (t < 0 || t >= vocab)) e.error = "token id " + std::to_string(t) + " outside the vocabulary";
+    if (need_gold && e.error.empty()) {
+      if (!r.response) OPDLM_FAIL_AT(path, "response", "record '", r.id, "' has no response (loss.ce_source = gold needs one)");
+      if (eos >= 0) e.gold.push_back(eos);
+    }
+    out.push_back(std::move(e));
+  }
+  return out;
+}
+
+std::vector<const Tensor*> const_ptrs(const std::vector<Tensor*>& v) { return {v.begin(), v.end()}; }
+
+}  // namespace
+
+OpdTrainSummary run_opd_training(const OpdTrainOptions& o, const std::string& resolved_table) {
+  namespace fs = std::filesystem;
+  fs::create_directories(o.out_dir);
+  const std::string model_path = o.out_dir + "/model.h5";
+  MetricsLog metrics(o.out_dir + "/metrics.jsonl");
+  const std::string mode = conversion_mode_name(o.mode);
+
+  // ---- models: the frozen teacher and the student (the teacher's weights unless given) ----
+  std::unique_ptr<model::Qwen3Model> teacher;
+  model::Qwen3Weights student_w;
+  if (!o.teacher.empty()) {
+    model::Qwen3Weights tw = io::load_model(o.teacher);
+    student_w = o.student_init.empty() ? tw.clone() : io::load_model(o.student_init);
+    teacher = std::make_unique<model::Qwen3Model>(model::Qwen3Model::teacher(std::move(tw)));
+  } else {
+    student_w = io::load_model(o.student_init);
+  }
+  model::Qwen3Model student = model::Qwen3Model::student(std::move(student_w));
+  const model::Qwen3Config& cfg = student.config();
+  if (teacher && teacher->config().vocab_size != cfg.vocab_size)
+    OPDLM_FAIL_AT(o.student_init, "vocab_size", "student vocabulary ", cfg.vocab_size, " differs from the teacher's ",
+                  teacher->config().vocab_size);
+  const std::string model_src = o.student_init.empty() ? o.teacher : o.student_init;
+  if (cfg.mask_token_id < 0)
+    OPDLM_FAIL_AT(model_src, "mask_token_id", "the model config has no mask_token_id (algorithm.md A 8)");
+  RowLossSpec spec = o.loss;
+  spec.mask_id = static_cast<int32_t>(cfg.mask_token_id);
+  spec.eos_id = static_cast<int32_t>(cfg.eos_token_id);
+  spec.pad_id = static_cast<int32_t>(cfg.pad_token_id >= 0 ? cfg.pad_token_id : std::max<int64_t>(cfg.eos_token_id, 0));
+  diffusion::SamplerOptions sampler = o.sampler;
+  sampler.mask_id = spec.mask_id;
+  sampler.eos_id = spec.eos_id;
+  sampler.pad_id = spec.pad_id;
+  sampler.seed = o.seed;
+  sampler.validate(cfg.vocab_size);
+
+  // ---- data ----
+  const io::Tokenizer tok = io::Tokenizer::from_file(o.tokenizer);
+  if (tok.vocab_size() > cfg.vocab_size)
+    OPDLM_FAIL_AT(o.tokenizer, "vocab_size", "tokenizer has ", tok.vocab_size(), " ids, the model ", cfg.vocab_size);
+  const bool use_rollouts = o.mode != ConversionMode::rm_ce || o.ce_source == CeSource::rollout;
+  const auto prompts = encode_prompts(io::load_prompt_jsonl(o.prompts), tok, cfg.vocab_size, spec.eos_id,
+                                      o.max_prompt_tokens, o.mode == ConversionMode::rm_ce && o.ce_source == CeSource::gold,
+                                      o.prompts);
+  if (prompts.empty()) OPDLM_FAIL_AT(o.prompts, "", "no prompt records");
+  std::vector<EncodedPrompt> probe;
+  if (!o.probe_prompts.empty()) {
+    probe = encode_prompts(io::load_prompt_jsonl(o.probe_prompts), tok, cfg.vocab_size, spec.eos_id,
+                           o.max_prompt_tokens, false, o.probe_prompts);
+    if (static_cast<int64_t>(probe.size()) > o.probe_limit) probe.resize(size_t(o.probe_limit));
+  }
+
+  OPDLM_LOG(info) << "opdlm train --mode " << mode << ": " << cfg.num_params() << " parameters, "
+                  << prompts.size() << " prompts\n" << resolved_table;
+  metrics.write({{"event", "start"}, {"mode", mode}, {"params", cfg.num_params()}, {"prompts", prompts.size()},
+                 {"sampler", diffusion::sampler_options_to_json(sampler)}, {"config", resolved_table}});
+
+  // ---- state-KL probe: held-out prompts, decoded greedily with one token per step (eval settings) ----
+  OpdTrainSummary sum;
+  sum.params = cfg.num_params();
+  sum.model_path = model_path;
+  BudgetCounters& bc = sum.budget;
+  auto run_probe = [&](int64_t rl_step) {
+    if (probe.empty()) return;
+    diffusion::SamplerOptions ps = sampler;
+    ps.strategy = diffusion::Strategy::low_confidence_static;
+    ps.sampling = ops::SamplingParams{0.0, 0, 1.0};
+    ps.step = 0;
+    ps.seed = o.seed;
+    std::vector<std::vector<int32_t>> ids;
+    std::vector<uint32_t> sids;
+    for (size_t i = 0; i < probe.size(); ++i)
+      if (probe[i].error.empty()) ids.push_back(probe[i].prompt), sids.push_back(static_cast<uint32_t>(i));
+    const auto rs = diffusion::bd_generate(student, ids, sids, ps);
+    std::vector<RolloutView> views;
+    for (const auto& r : rs)
+      if (r.ok()) views.push_back({r.sample_id, r.prompt, r.response, r.step_map});
+    // States and masks keyed by the probe index, not the RL step: every probe sees the same draws.
+    const StateKl kl = state_kl(*teacher, student, views, spec, o.seed, 0);
+    if (sum.probe_own_kl_first < 0) sum.probe_own_kl_first = kl.own;
+    sum.probe_own_kl_last = kl.own;
+    sum.probe_random_kl_last = kl.random;
+    metrics.write({{"event", "probe"}, {"rl_step", rl_step}, {"train_tokens", bc.train_tokens()},
+                   {"own_state_kl", kl.own}, {"random_state_kl", kl.random}, {"rows", kl.rows},
+                   {"skipped", kl.skipped}, {"own_positions", kl.own_positions}, {"random_positions", kl.random_positions}});
+    OPDLM_LOG(info) << "probe at RL step " << rl_step << ": KL on own states " << kl.own << ", on random states "
+                    << kl.random << " (" << kl.rows << " rows)";
+  };
+
+  // ---- optimizer state ----
+  model::Qwen3Weights m1 = student.weights().zeros_like(), m2 = student.weights().zeros_like();
+  std::vector<Tensor*> grads;
+  for (auto& t : student.grads().tensors()) grads.push_back(&t.value);
+  model::Qwen3Activations acts;
+  const auto t0 = std::chrono::steady_clock::now();
+  auto elapsed = [&] { return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count(); };
+  auto save = [&](int64_t rl_step) {
+    io::save_model(model_path, student.weights(),
+                   {{"mode", mode}, {"rl_step", rl_step}, {"optimizer_steps", sum.optimizer_steps},
+                    {"train_tokens", bc.train_tokens()}, {"teacher", o.teacher}, {"tokenizer", o.tokenizer}});
+    metrics.write({{"event", "save"}, {"rl_step", rl_step}, {"path", model_path}});
+  };
+
+  run_probe(0);
+  std::vector<uint64_t> perm;
+  uint64_t perm_epoch = UINT64_MAX;
+  bool budget_reached = false;
+  for (int64_t step = 0; step < o.rl_steps && !budget_reached; ++step) {
+    set_error_step(step);
+    const uint32_t ustep = static_cast<uint32_t>(step);
+    const int64_t max_new = max_rollout_length(step, o.ramp_start_tokens, sampler.max_new_tokens, o.ramp_steps,
+                                               sampler.block_size);
+    // ---- the step's prompts: a fixed shuffled stream, one epoch after another ----
+    std::vector<const EncodedPrompt*> batch;
+    std::vector<uint32_t> sample_ids;
+    for (int64_t i = 0; i < o.prompts_per_step; ++i) {
+      const uint64_t g = static_cast<uint64_t>(step * o.prompts_per_step + i);
+      const uint64_t epoch = g / prompts.size();
+      if (epoch != perm_epoch) perm = io::shuffle_permutation(prompts.size(), o.seed, static_cast<uint32_t>(epoch)), perm_epoch = epoch;
+      const EncodedPrompt& p = prompts[perm[g % prompts.size()]];
+      if (!p.error.empty()) {
+        ++bc.skipped_prompts;
+        metrics.write({{"event", "skip"}, {"rl_step", step}, {"id", p.id}, {"reason", p.error}});
+        continue;
+      }
+      batch.push_back(&p);
+      sample_ids.push_back(static_cast<uint32_t>(g));
+    }
+
+    // ---- responses: the student's rollouts, or clean responses for rm-ce ----
+    struct Sample {
+      uint32_t sample_id;
+      const std::vector<int32_t>* prompt;
+      std::vector<int32_t> response, step_map;
+    };
+    std::vector<Sample> samples;
+    int64_t step_generated = 0, step_denoise = 0, eos_count = 0;
+    if (use_rollouts) {
+      diffusion::SamplerOptions so = sampler;
+      so.max_new_tokens = max_new;
+      so.step = ustep;
+      std::vector<std::vector<int32_t>> ids;
+      for (const auto* p : batch) ids.push_back(p->prompt);
+      const auto rs = diffusion::bd_generate(student, ids, sample_ids, so);
+      for (size_t i = 0; i < rs.size(); ++i) {
+        const auto& r = rs[i];
+        if (!r.ok()) {
+          ++bc.skipped_prompts;
+          metrics.write({{"event", "skip"}, {"rl_step", step}, {"id", batch[i]->id}, {"reason", r.error}});
+          continue;
+        }
+        ++bc.rollouts;
+        step_generated += static_cast<int64_t>(r.response.size());
+        step_denoise += r.denoise_forwards;
+        eos_count += r.stopped_at_eos;
+        const double ctx = static_cast<double>(r.prompt.size() + r.response.size());
+        // Estimate from the forward counts: b query tokens per forward at the sequence's mean context.
+        bc.rollout_flops += static_cast<double>(r.prompt.size()) * model::forward_flops_per_token(cfg, ctx / 2, false) +
+                            static_cast<double>((r.denoise_forwards + r.commit_forwards) * sampler.block_size) *
+                                model::forward_flops_per_token(cfg, ctx / 2 + static_cast<double>(r.prompt.size()) / 2);
+        samples.push_back({r.sample_id, &batch[i]->prompt, r.response, r.step_map});
+      }
+      bc.generated_tokens += step_generated;
+    } else if (o.ce_source == CeSource::gold) {
+      for (size_t i = 0; i < batch.size(); ++i) {
+        std::vector<int32_t> resp = batch[i]->gold;
+        if (static_cast<int64_t>(resp.size()) > max_new) resp.resize(size_t(max_new));
+        if (resp.empty()) continue;
+        samples.push_back({sample_ids[i], &batch[i]->prompt, std::move(resp), {}});
+      }
+    } else {  // rm-ce on the teacher's own samples (sequence-level KD)
+      model::ArGenerateOptions ao;
+      ao.max_new_tokens = max_new;
+      ao.sampling = ops::SamplingParams{1.0, 0, 1.0};
+      ao.eos_id = spec.eos_id;
+      ao.pad_id = spec.pad_id;
+      ao.seed = o.seed;
+      ao.step = ustep;
+      std::vector<std::vector<int32_t>> ids;
+      for (const auto* p : batch) ids.push_back(p->prompt);
+      const auto gs = model::ar_generate(*teacher, ids, sample_ids, ao);
+      for (size_t i = 0; i < gs.size(); ++i)
+        if (!gs[i].tokens.empty()) samples.push_back({sample_ids[i], &batch[i]->prompt, gs[i].tokens, {}});
+    }
+
+    // ---- training rows ----
+    struct Row {
+      TrainingRow row;
+      Tensor teacher_logp;
+      size_t sample;
+    };
+    std::vector<Row> rows;
+    int64_t masked_total = 0, slots_total = 0;
+    for (size_t si = 0; si < samples.size(); ++si) {
+      const Sample& s = samples[si];
+      TrainingRow base;
+      base.sample_id = s.sample_id;
+      base.prompt = *s.prompt;
+      base.x0 = s.response;
+      std::vector<std::vector<uint8_t>> states;
+      std::vector<double> t_block;
+      if (o.mode == ConversionMode::opd) {
+        if (o.selection == StateSelection::one_per_block)
+          states.push_back(select_state_per_block(s.step_map, sampler.block_size, {o.seed, RngPurpose::state_select, ustep, s.sample_id, 0}));
+        else
+          states = all_rounds(s.step_map, sampler.block_size);
+      } else {
+        RandomState rs = random_states(base.L1(), sampler.block_size, {o.seed, RngPurpose::random_mask, ustep, s.sample_id, 0});
+        states.push_back(std::move(rs.masked));
+        t_block = std::move(rs.t);
+      }
+      for (auto& st : states) {
+        Row r{base, Tensor(), si};
+        r.row.masked = std::move(st);
+        r.row.t_block = t_block;
+        if (loss_positions(r.row, spec).empty()) continue;  // nothing to learn: dropped (B 4.3)
+        masked_total += std::count(r.row.masked.begin(), r.row.masked.end(), uint8_t(1));
+        slots_total += r.row.L1();
+        rows.push_back(std::move(r));
+      }
+    }
+
+    // ---- updates: rows_per_update rows per optimizer step, mean of row token-means ----
+    double step_loss = 0, last_norm = 0;
+    int64_t step_rows = 0, step_updates = 0;
+    std::vector<uint8_t> trained(samples.size(), 0);
+    for (size_t u0 = 0; u0 < rows.size() && !budget_reached; u0 += size_t(o.rows_per_update)) {
+      const size_t u1 = std::min(rows.size(), u0 + size_t(o.rows_per_update));
+      const double scale = 1.0 / static_cast<double>(u1 - u0);
+      student.zero_grads();
+      double update_loss = 0;
+      for (size_t i = u0; i < u1; ++i) {
+        Row& r = rows[i];
+        Tensor tlp;
+        if (spec.objective == RowObjective::teacher_kl) {
+          const auto js = loss_positions(r.row, spec);
+          tlp = teacher_logprobs(*teacher, r.row.prompt, r.row.x0, js);
+          const int64_t T = static_cast<int64_t>(r.row.prompt.size()) + js.back();
+          const ops::MaskDescriptor causal = ops::MaskDescriptor::causal();
+          bc.teacher_flops += model::forward_flops(teacher->config(), std::span(&causal, 1), 1, T, T,
+                                                   static_cast<int64_t>(js.size()));
+        }
+        const RowLoss l = row_loss(student, tlp, r.row, spec, scale, acts);
+        update_loss += l.loss * scale;
+        bc.rows += 1;
+        bc.loss_positions += l.loss_positions;
+        bc.student_forward_flops += l.student_forward_flops;
+        bc.student_backward_flops += l.student_backward_flops;
+        if (!trained[r.sample]) {
+          trained[r.sample] = 1;
+          bc.train_prompt_tokens += static_cast<int64_t>(r.row.prompt.size());
+          bc.train_response_tokens += r.row.L1();
+        }
+      }
+      const double norm = o.grad_clip > 0 ? ops::clip_grad_norm(grads, o.grad_clip) : ops::global_grad_norm(const_ptrs(grads));
+      if (!std::isfinite(update_loss) || !std::isfinite(norm))
+        OPDLM_FAIL("non-finite loss ", update_loss, " or gradient norm ", norm, " at RL step ", step,
+                   " (lower optim.lr or raise optim.warmup_steps)");
+      ops::AdamWConfig adam = o.adam;
+      adam.lr = o.schedule.at(sum.optimizer_steps);
+      auto& params = student.weights().tensors();
+      auto& g = student.grads().tensors();
+      for (size_t i = 0; i < params.size(); ++i) {
+        ops::AdamWConfig a = adam;
+        if (params[i].value.ndim() < 2) a.weight_decay = 0;  // no decay on norm gains
+        ops::adamw_step(params[i].value, g[i].value, m1.tensors()[i].value, m2.tensors()[i].value,
+                        sum.optimizer_steps + 1, a);
+      }
+      ++sum.optimizer_steps;
+      ++step_updates;
+      step_loss += update_loss;
+      step_rows += static_cast<int64_t>(u1 - u0);
+      last_norm = norm;
+      if (o.max_train_tokens > 0 && bc.train_tokens() >= o.max_train_tokens) budget_reached = true;
+    }
+    sum.rl_steps = step + 1;
+    sum.final_loss = step_updates ? step_loss / static_cast<double>(step_updates) : 0;
+    if ((step + 1) % o.log_every == 0 || step + 1 == o.rl_steps || budget_reached) {
+      const double secs = elapsed();
+      const double n_samples = static_cast<double>(std::max<size_t>(samples.size(), 1));
+      nlohmann::json j = {{"event", "step"}, {"rl_step", step + 1}, {"optimizer_steps", sum.optimizer_steps},
+                          {"loss", sum.final_loss}, {"grad_norm", last_norm},
+                          {"lr", o.schedule.at(std::max<int64_t>(sum.optimizer_steps - 1, 0))},
+                          {"max_new_tokens", max_new}, {"samples", samples.size()}, {"rows", step_rows},
+                          {"masked_fraction", slots_total ? double(masked_total) / double(slots_total) : 0.0},
+                          {"elapsed_s", secs},
+                          {"train_tokens_per_s", static_cast<double>(bc.train_tokens()) / secs},
+                          {"budget", {{"rollouts", bc.rollouts}, {"skipped_prompts", bc.skipped_prompts},
+                                      {"generated_tokens", bc.generated_tokens},
+                                      {"train_prompt_tokens", bc.train_prompt_tokens},
+                                      {"train_response_tokens", bc.train_response_tokens},
+                                      {"train_tokens", bc.train_tokens()}, {"rows", bc.rows},
+                                      {"loss_positions", bc.loss_positions}, {"rollout_flops", bc.rollout_flops},
+                                      {"teacher_flops", bc.teacher_flops},
+                                      {"student_forward_flops", bc.student_forward_flops},
+                                      {"student_backward_flops", bc.student_backward_flops}}}};
+      if (use_rollouts) {
+        j["mean_response_len"] = static_cast<double>(step_generated) / n_samples;
+        j["eos_rate"] = static_cast<double>(eos_count) / n_samples;
+        j["rollout_tokens_per_forward"] = step_denoise ? double(step_generated) / double(step_denoise) : 0.0;
+      }
+      metrics.write(j);
+      OPDLM_LOG(info) << mode << " RL step " << step + 1 << "/" << o.rl_steps << " loss " << sum.final_loss << " |g| "
+                      << last_norm << " rows " << step_rows << " train tokens " << bc.train_tokens() << " ("
+                      << static_cast<int64_t>(bc.train_tokens() / secs) << "/s)";
+    }
+    if (o.probe_every > 0 && (step + 1) % o.probe_every == 0 && step + 1 < o.rl_steps && !budget_reached) run_probe(step + 1);
+    if (o.save_every > 0 && (step + 1) % o.save_every == 0 && step + 1 < o.rl_steps && !budget_reached) save(step + 1);
+  }
+  set_error_step(-1);
+  run_probe(sum.rl_steps);
+  sum.wall_s = elapsed();
+  save(sum.rl_steps);
+  metrics.write({{"event", "end"}, {"mode", mode}, {"rl_steps", sum.rl_steps}, {"optimizer_steps", sum.optimizer_steps},
+                 {"train_tokens", bc.train_tokens()}, {"generated_tokens", bc.generated_tokens},
+                 {"loss_positions", bc.loss_positions}, {"wall_s", sum.wall_s}, {"final_loss", sum.final_loss},
+                 {"budget_reached", budget_reached}, {"probe_own_kl_first", sum.probe_own_kl_first},
+                 {"probe_own_kl_last", sum.probe_own_kl_last}, {"probe_random_kl_last", sum.probe_random_kl_last}});
+  return sum;
+}
+
+}  // namespace opdlm::train
