@@ -1,16 +1,15 @@
-// `opdlm generate --mode ar|diffusion`, `opdlm score` and `opdlm eval --mode ar`: decoding (AR, or
-// block diffusion with the rollout sampler), per-token log-probabilities, and exact-match completion
-// tasks with a model file and its tokenizer.
+// `opdlm generate --mode ar|diffusion` and `opdlm score`: decoding (AR, or block diffusion with the
+// rollout sampler) and per-token log-probabilities with a model file and its tokenizer. (`opdlm eval`
+// lives in cmd_eval.cpp.)
 #include <boost/program_options.hpp>
 #include <fstream>
-#include <iomanip>
 #include <iostream>
+#include <map>
 #include <nlohmann/json.hpp>
 
 #include "commands.hpp"
 #include "opdlm/base/error.hpp"
 #include "opdlm/diffusion/sampler.hpp"
-#include "opdlm/eval/completion.hpp"
 #include "opdlm/io/jsonl_dataset.hpp"
 #include "opdlm/io/model_file.hpp"
 #include "opdlm/io/tokenizer.hpp"
@@ -38,18 +37,33 @@ Loaded load(const std::string& model_path, std::string tok_path) {
 }
 
 // Records [start, start + size) encoded, with their index in the file as the global sample id
-// (so a record decodes the same whatever the batch size).
+// (so a record decodes the same whatever the batch size). A record the tokenizer refuses (invalid
+// UTF-8) is left out of `prompts` and reported in `errors`: one bad prompt does not end the run.
 struct PromptBatch {
   std::vector<std::vector<int32_t>> prompts;
   std::vector<uint32_t> sample_ids;
+  std::vector<size_t> records;                          // file index of prompts[i]
+  std::vector<std::pair<size_t, std::string>> errors;  // (file index, why)
 };
 PromptBatch encode_batch(const io::Tokenizer& tok, const std::vector<io::PromptRecord>& recs, size_t start, size_t size) {
   PromptBatch b;
   for (size_t i = start; i < std::min(recs.size(), start + size); ++i) {
-    b.prompts.push_back(tok.encode(recs[i].prompt));
+    try {
+      b.prompts.push_back(tok.encode(recs[i].prompt));
+    } catch (const std::exception& e) {
+      b.errors.emplace_back(i, std::string("cannot tokenize the prompt: ") + e.what());
+      std::cerr << "generate: prompt " << recs[i].id << " skipped: " << e.what() << "\n";
+      continue;
+    }
     b.sample_ids.push_back(static_cast<uint32_t>(i));
+    b.records.push_back(i);
   }
   return b;
+}
+
+// The JSONL record of a prompt the tokenizer refused (dumped with invalid bytes replaced by U+FFFD).
+nlohmann::json invalid_text_record(const io::PromptRecord& r, const std::string& why) {
+  return {{"id", r.id}, {"prompt", r.prompt}, {"status", "invalid_text"}, {"error", why}};
 }
 
 // --mode diffusion has its own flags: peek at --mode before parsing, so the ar flags stay as they are.
@@ -106,20 +120,24 @@ int run_generate_diffusion(const std::vector<std::string>& args) {
   for (size_t s = 0; s < recs.size(); s += static_cast<size_t>(batch)) {
     const PromptBatch pb = encode_batch(L.tok, recs, s, static_cast<size_t>(batch));
     const auto rs = diffusion::bd_generate(L.model, pb.prompts, pb.sample_ids, g);
+    std::map<size_t, std::string> lines;  // file order, refused prompts included
+    for (const auto& [k, why] : pb.errors) lines[k] = invalid_text_record(recs[k], why).dump(-1, ' ', false, nlohmann::json::error_handler_t::replace);
     for (size_t i = 0; i < rs.size(); ++i) {
       const auto& r = rs[i];
-      nlohmann::json j{{"id", recs[s + i].id}, {"prompt", recs[s + i].prompt}, {"status", diffusion::rollout_status_name(r.status)}};
+      const io::PromptRecord& rec = recs[pb.records[i]];
+      nlohmann::json j{{"id", rec.id}, {"prompt", rec.prompt}, {"status", diffusion::rollout_status_name(r.status)}};
       if (!r.ok()) {
         j["error"] = r.error;
-        std::cerr << "generate: prompt " << recs[s + i].id << " skipped: " << r.error << "\n";
+        std::cerr << "generate: prompt " << rec.id << " skipped: " << r.error << "\n";
       }
       // Tokens per denoising forward (the commit forwards are reported beside it).
       const double tpf = r.denoise_forwards > 0 ? double(r.response.size()) / double(r.denoise_forwards) : 0.0;
       j.update({{"ids", r.response}, {"text", L.tok.decode(r.response)}, {"eos", r.stopped_at_eos},
                 {"step_map", r.step_map}, {"forwards", {{"denoise", r.denoise_forwards}, {"commit", r.commit_forwards}}},
                 {"tokens_per_forward", tpf}});
-      os << j.dump() << "\n";
+      lines[pb.records[i]] = j.dump();
     }
+    for (const auto& [k, line] : lines) os << line << "\n";
   }
   return cli::kExitOk;
 }
@@ -158,10 +176,13 @@ int run_generate(const std::vector<std::string>& args) {
   for (size_t s = 0; s < recs.size(); s += static_cast<size_t>(batch)) {
     const PromptBatch pb = encode_batch(L.tok, recs, s, static_cast<size_t>(batch));
     auto gens = model::ar_generate(L.model, pb.prompts, pb.sample_ids, g);
+    std::map<size_t, std::string> lines;  // file order, refused prompts included
+    for (const auto& [k, why] : pb.errors) lines[k] = invalid_text_record(recs[k], why).dump(-1, ' ', false, nlohmann::json::error_handler_t::replace);
     for (size_t i = 0; i < gens.size(); ++i)
-      os << nlohmann::json{{"id", recs[s + i].id}, {"prompt", recs[s + i].prompt}, {"ids", gens[i].tokens},
-                           {"text", L.tok.decode(gens[i].tokens)}, {"eos", gens[i].stopped_at_eos}}.dump()
-         << "\n";
+      lines[pb.records[i]] = nlohmann::json{{"id", recs[pb.records[i]].id}, {"prompt", recs[pb.records[i]].prompt},
+                                            {"ids", gens[i].tokens}, {"text", L.tok.decode(gens[i].tokens)},
+                                            {"eos", gens[i].stopped_at_eos}}.dump();
+    for (const auto& [k, line] : lines) os << line << "\n";
   }
   return cli::kExitOk;
 }
@@ -213,42 +234,7 @@ int run_score(const std::vector<std::string>& args) {
   return cli::kExitOk;
 }
 
-int run_eval(const std::vector<std::string>& args) {
-  po::options_description d("opdlm eval --mode ar: exact-match completion tasks (JSONL with prompt and gold)");
-  std::string mode, model_path, tok_path, out;
-  std::vector<std::string> tasks;
-  eval::CompletionOptions o;
-  d.add_options()("help", "show help")("mode", po::value(&mode)->required(), "ar")
-      ("model", po::value(&model_path)->required(), "model.h5")("tokenizer", po::value(&tok_path), "tokenizer.json")
-      ("tasks", po::value(&tasks)->multitoken()->required(), "task JSONL files")
-      ("max-new-tokens", po::value(&o.max_new_tokens)->default_value(64), "length limit")
-      ("batch-size", po::value(&o.batch_size)->default_value(16), "prompts per batch")
-      ("limit", po::value(&o.limit)->default_value(0), "records per task (0 = all)")
-      ("out", po::value(&out), "write per-item results as JSONL here");
-  po::variables_map vm;
-  if (cli::parse_or_print_help(args, d, vm)) return cli::kExitOk;
-  if (mode != "ar") OPDLM_FAIL_AT("command line", "mode", "unknown mode '", mode, "' (available: ar)");
-  Loaded L = load(model_path, tok_path);
-  std::ofstream file;
-  if (!out.empty()) file.open(out);
-  std::cout << std::left << std::setw(40) << "task" << std::setw(8) << "n" << std::setw(10) << "EM"
-            << "token_acc\n";
-  for (const auto& t : tasks) {
-    auto res = eval::eval_completion_ar(L.model, L.tok, io::load_prompt_jsonl(t), t, o);
-    std::cout << std::left << std::setw(40) << t << std::setw(8) << res.n << std::setw(10) << std::setprecision(4)
-              << res.exact_match << res.token_accuracy << "\n";
-    std::cout << nlohmann::json{{"task", t}, {"n", res.n}, {"exact_match", res.exact_match},
-                                {"token_accuracy", res.token_accuracy}}.dump() << "\n";
-    if (file)
-      for (const auto& it : res.items)
-        file << nlohmann::json{{"task", t}, {"id", it.id}, {"prompt", it.prompt}, {"gold", it.gold},
-                               {"answer", it.answer}, {"correct", it.correct}}.dump() << "\n";
-  }
-  return cli::kExitOk;
-}
-
 }  // namespace
 
 OPDLM_SUBCOMMAND("generate", "decode continuations of prompts (--mode ar | diffusion)", run_generate);
 OPDLM_SUBCOMMAND("score", "per-token log-probabilities of texts or ids under a model", run_score);
-OPDLM_SUBCOMMAND("eval", "exact-match completion tasks (--mode ar)", run_eval);

@@ -1,6 +1,7 @@
 // Completion tasks scored by exact match: each JSONL record's prompt is decoded by the model and
 // the answer (text before the first newline or EOS, trimmed) is compared with the trimmed gold.
-// The AR path is here; the block-diffusion path arrives with the sampler.
+// answer_text is shared with eval/harness.hpp, which evaluates AR and block-diffusion models alike
+// (`opdlm eval`); eval_completion_ar is the original AR-only loop, kept for library callers.
 #pragma once
 
 #include <cstdint>
