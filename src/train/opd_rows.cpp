@@ -264,6 +264,9 @@ StateKl state_kl(const model::Qwen3Model& teacher, const model::Qwen3Model& stud
   RowLossSpec spec = spec_in;
   spec.objective = RowObjective::teacher_kl;
   spec.divergence = ops::DivergenceSpec{};  // forward KL, full vocabulary
+  // The EOS position is scored: with it excluded, a student that stops at once would have no
+  // loss position at all and read as KL 0.
+  spec.exclude_eos = false;
   StateKl s;
   double own = 0, rnd = 0;
   for (const RolloutView& r : rollouts) {

@@ -162,8 +162,13 @@ OpdTrainOptions OpdTrainOptions::from_config(const ResolvedConfig& c, Conversion
   o.schedule.min_ratio = c.get<double>("optim.min_lr_ratio");
   o.schedule.warmup_steps = c.get<int64_t>("optim.warmup_steps");
   o.schedule.total_steps = positive("optim.max_steps", c.get<int64_t>("optim.max_steps"), 0);
-  if (o.schedule.total_steps == 0)  // the reference's estimate: every prompt yields a row (B 6.4)
+  if (o.schedule.total_steps == 0) {  // the reference's estimate: every prompt yields a row (B 6.4)
     o.schedule.total_steps = o.rl_steps * ((o.prompts_per_step + o.rows_per_update - 1) / o.rows_per_update);
+    if (o.schedule.total_steps <= o.schedule.warmup_steps)
+      OPDLM_FAIL_AT(where("optim.warmup_steps"), "optim.warmup_steps", "the derived horizon rl_steps * ceil(prompts_per_step / ",
+                    "rows_per_update) = ", o.schedule.total_steps, " optimizer steps does not exceed the warm-up (",
+                    o.schedule.warmup_steps, "): lower optim.warmup_steps or set optim.max_steps");
+  }
   o.adam.weight_decay = c.get<double>("optim.weight_decay");
   o.adam.beta1 = c.get<double>("optim.beta1");
   o.adam.beta2 = c.get<double>("optim.beta2");
@@ -326,6 +331,12 @@ OpdTrainSummary run_opd_training(const OpdTrainOptions& o, const std::string& re
       if (r.ok()) views.push_back({r.sample_id, r.prompt, r.response, r.step_map});
     // States and masks keyed by the probe index, not the RL step: every probe sees the same draws.
     const StateKl kl = state_kl(*teacher, student, views, spec, o.seed, 0);
+    if (kl.rows == 0) {  // nothing decoded to score: no figure rather than a misleading 0
+      metrics.write({{"event", "probe"}, {"rl_step", rl_step}, {"train_tokens", bc.train_tokens()}, {"rows", 0},
+                     {"skipped", kl.skipped}, {"own_state_kl", nullptr}, {"random_state_kl", nullptr}});
+      OPDLM_LOG(warning) << "probe at RL step " << rl_step << ": no decoded response had a scorable position";
+      return;
+    }
     if (sum.probe_own_kl_first < 0) sum.probe_own_kl_first = kl.own;
     sum.probe_own_kl_last = kl.own;
     sum.probe_random_kl_last = kl.random;

@@ -333,3 +333,43 @@ TEST(OpdTraining, TokenBudgetStopsTheRun) {
   EXPECT_GE(r.budget.train_tokens(), 30);
   fs::remove_all(s.dir);
 }
+
+// ---- configs -------------------------------------------------------------------------------------
+
+namespace {
+std::string repo_file(const std::string& rel) {
+  return (fs::path(__FILE__).parent_path().parent_path().parent_path() / rel).string();
+}
+}  // namespace
+
+TEST(OpdConfig, ShippedConfigsLoadAndBadValuesNameTheKey) {
+  const auto schema = train::OpdTrainOptions::schema();
+  for (const char* f : {"configs/opd/quickstart.ini", "configs/opd/paper.ini"}) {
+    SCOPED_TRACE(f);
+    const ResolvedConfig c = load_config(schema, repo_file(f), {"--run.out_dir=/tmp/x"});
+    for (auto mode : {train::ConversionMode::opd, train::ConversionMode::rm_kl, train::ConversionMode::rm_ce})
+      EXPECT_NO_THROW(train::OpdTrainOptions::from_config(c, mode));
+  }
+  const ResolvedConfig paper = load_config(schema, repo_file("configs/opd/paper.ini"), {});
+  const auto o = train::OpdTrainOptions::from_config(paper, train::ConversionMode::opd);
+  EXPECT_EQ(o.schedule.total_steps, 7729);  // B 6.4: 16 * 483 + 1
+  EXPECT_EQ(o.sampler.strategy, diffusion::Strategy::low_confidence_dynamic);
+  EXPECT_EQ(o.sampler.tau, 0.9);
+
+  auto fails_with = [&](std::vector<std::string> overrides, const std::string& key) {
+    overrides.push_back("--run.out_dir=/tmp/x");
+    const std::string msg = test::error_of([&] {
+      train::OpdTrainOptions::from_config(load_config(schema, repo_file("configs/opd/quickstart.ini"), overrides),
+                                          train::ConversionMode::opd);
+    });
+    EXPECT_NE(msg.find(key), std::string::npos) << msg;
+  };
+  fails_with({"--loss.divergence=kl"}, "loss.divergence");
+  fails_with({"--loss.state_selection=some"}, "loss.state_selection");
+  fails_with({"--rollout.strategy=greedy"}, "rollout.strategy");
+  fails_with({"--data.rows_per_update=0"}, "data.rows_per_update");
+  fails_with({"--rollout.tau=2"}, "rollout.tau");
+  fails_with({"--loss.no_such_key=1"}, "no_such_key");
+  fails_with({"--model.teacher="}, "model.teacher");
+  EXPECT_NE(test::error_of([] { train::parse_conversion_mode("sft"); }).find("sft"), std::string::npos);
+}

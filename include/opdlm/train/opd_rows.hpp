@@ -126,8 +126,10 @@ Tensor student_logprobs(const model::Qwen3Model& student, const TrainingRow& row
 // ---- state-KL evaluation (C3: train/inference mismatch) -------------------------------------------
 // Mean over rows of the per-row forward-KL token mean (full vocabulary), for rows built from the
 // given rollouts: `own` = one state per block from the rollout's step map (states the student's
-// sampler visits), `random` = random_states with the same seed. Rollouts without loss positions
-// are skipped (counted in `skipped`).
+// sampler visits), `random` = random_states with the same seed. The EOS position counts (whatever
+// spec.exclude_eos says): premature stopping must cost KL, not remove the positions that measure
+// it. Rollouts without loss positions are skipped (counted in `skipped`); rows = 0 means "no data",
+// not KL 0.
 struct StateKl {
   double own = 0, random = 0;
   int64_t rows = 0, skipped = 0, own_positions = 0, random_positions = 0;

@@ -1,0 +1,90 @@
+#!/usr/bin/env bash
+# quickstart.sh -- the main job: train a small AR teacher on real-format data, convert it to a
+# block-diffusion student with on-policy distillation (OPD), train the random-mask cross-entropy
+# baseline (rm-ce) for the same number of training tokens, evaluate all of them and print one table.
+#
+# Teacher:  Qwen3-shaped, configs/teacher/quickstart.{ini,model.json}, trained on invented facts
+#           (the knowledge probe) + 1-2 digit arithmetic (jobs/data/make_quickstart_corpus.sh)
+# Convert:  configs/opd/quickstart.ini on arithmetic conversion prompts only (no facts, no held-out
+#           operand pairs); OPD stops at optim.max_train_tokens, rm-ce at OPD's measured count
+# Evaluate: teacher (AR), S0 = the teacher's weights decoded as a DLM before any conversion, OPD,
+#           rm-ce: exact match on facts (retention) and held-out arithmetic, multiple choice by
+#           likelihood on facts, tokens per forward, KL(teacher||student) on own / random states
+# Time:     about 15-20 minutes on 2 cores (the teacher about half of it); ~1 GB of disk
+# Output:   runs/quickstart/{teacher,opd,rm-ce}/ (model.h5, metrics.jsonl, summary.json),
+#           runs/quickstart/eval/*.json (opdlm eval results), runs/quickstart/table.{txt,json}
+#
+# Usage: jobs/quickstart.sh          (builds build/opdlm first when it is missing)
+#   env: OPDLM (binary, default build/opdlm), DATA (data/quickstart), RUN (runs/quickstart),
+#        EVAL_LIMIT (records per eval task, default 300), SEED (conversion seed, default 1234)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OPDLM=${OPDLM:-build/opdlm}
+DATA=${DATA:-data/quickstart}
+RUN=${RUN:-runs/quickstart}
+EVAL_LIMIT=${EVAL_LIMIT:-300}
+SEED=${SEED:-1234}
+export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-passive}
+start=$(date +%s)
+stamp() { echo "[quickstart $(( $(date +%s) - start )) s] $*"; }
+
+if [[ ! -x $OPDLM ]]; then
+  stamp "building $OPDLM"
+  cmake -S . -B build -DCMAKE_BUILD_TYPE=Release > /dev/null
+  cmake --build build -j"$(nproc)" --target opdlm_cli > /dev/null
+fi
+mkdir -p "$RUN/eval"
+
+# ---- data -----------------------------------------------------------------------------------------
+if [[ ! -f $DATA/train.bin ]]; then
+  stamp "data -> $DATA"
+  OPDLM=$OPDLM jobs/data/make_quickstart_corpus.sh "$DATA" > "$RUN/data.log"
+fi
+
+# ---- teacher --------------------------------------------------------------------------------------
+if [[ ! -f $RUN/teacher/model.h5 ]]; then
+  stamp "teacher: opdlm train --mode ar (configs/teacher/quickstart.ini)"
+  mkdir -p "$RUN/teacher"
+  "$OPDLM" train --mode ar --config configs/teacher/quickstart.ini --model.tokenizer="$DATA/tokenizer.json" \
+    --data.train="$DATA/train.bin" --run.out_dir="$RUN/teacher" > "$RUN/teacher/summary.json.tmp" 2> "$RUN/teacher.log" \
+    || { echo "teacher training failed: see $RUN/teacher.log" >&2; exit 1; }
+  mv "$RUN/teacher/summary.json.tmp" "$RUN/teacher/summary.json"
+fi
+TEACHER=$RUN/teacher/model.h5
+
+# ---- conversion: OPD, then rm-ce at OPD's token count ---------------------------------------------
+convert() {  # mode out_dir extra-args...
+  local mode=$1 out=$2; shift 2
+  stamp "$mode: opdlm train --mode $mode (configs/opd/quickstart.ini) $*"
+  mkdir -p "$out"
+  "$OPDLM" train --mode "$mode" --config configs/opd/quickstart.ini --model.teacher="$TEACHER" \
+    --model.tokenizer="$DATA/tokenizer.json" --data.prompts="$DATA/arith/conversion.jsonl" \
+    --eval.probe_prompts="$DATA/arith/eval_heldout.jsonl" --run.seed="$SEED" --run.out_dir="$out" "$@" \
+    > "$out/summary.json.tmp" 2> "$RUN/$mode.log" || { echo "$mode failed: see $RUN/$mode.log" >&2; exit 1; }
+  mv "$out/summary.json.tmp" "$out/summary.json"
+}
+[[ -f $RUN/opd/summary.json ]] || convert opd "$RUN/opd"
+OPD_TOKENS=$(python3 -c "import json; print(json.load(open('$RUN/opd/summary.json'))['train_tokens'])")
+[[ -f $RUN/rm-ce/summary.json ]] || convert rm-ce "$RUN/rm-ce" --optim.max_train_tokens="$OPD_TOKENS"
+
+# ---- evaluation -----------------------------------------------------------------------------------
+TASKS=("$DATA/facts/eval.jsonl" "$DATA/arith/eval_heldout.jsonl")
+evaluate() {  # name mode model
+  stamp "eval $1 ($2)"
+  "$OPDLM" eval --mode "$2" --model "$3" --teacher "$TEACHER" --tokenizer "$DATA/tokenizer.json" \
+    --tasks "${TASKS[@]}" --limit "$EVAL_LIMIT" --max-new-tokens 16 --out "$RUN/eval/$1.json" \
+    --items "$RUN/eval/$1.items.jsonl" > "$RUN/eval/$1.txt" 2>> "$RUN/eval.log" \
+    || { echo "eval $1 failed: see $RUN/eval.log" >&2; exit 1; }
+}
+evaluate teacher ar "$TEACHER"
+evaluate s0 diffusion "$TEACHER"
+evaluate opd diffusion "$RUN/opd/model.h5"
+evaluate rm-ce diffusion "$RUN/rm-ce/model.h5"
+
+stamp "table"
+python3 tools/eval_table.py --reference teacher --json "$RUN/table.json" \
+  --row "teacher (AR)=$RUN/eval/teacher.json" \
+  --row "S0 (no conversion)=$RUN/eval/s0.json" \
+  --row "OPD=$RUN/eval/opd.json:$RUN/opd/summary.json" \
+  --row "rm-ce=$RUN/eval/rm-ce.json:$RUN/rm-ce/summary.json" | tee "$RUN/table.txt"
+stamp "done: $RUN/table.txt"
