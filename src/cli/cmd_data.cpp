@@ -1,5 +1,5 @@
-// `opdlm data`: build the teacher corpus and eval sets (kjv, arithmetic), tokenize text into token
-// shards (prepare) and print a shard's header (inspect). Formats: docs/data_formats.md.
+// `opdlm data`: build the teacher corpus and eval sets (kjv, arithmetic, facts), tokenize text into
+// token shards (prepare) and print a shard's header (inspect). Formats: docs/data_formats.md.
 #include <boost/program_options.hpp>
 #include <filesystem>
 #include <fstream>
@@ -30,7 +30,8 @@ constexpr const char* kUsage =
     "  prepare     tokenize text/JSONL files into a token shard\n"
     "  inspect     print a token shard's header and counts (validates it)\n"
     "  kjv         KJV teacher text + seen/held-out eval JSONL (needs the `bible` program)\n"
-    "  arithmetic  arithmetic teacher text + held-out/length/seen eval JSONL\n\n"
+    "  arithmetic  arithmetic teacher text + held-out/length/seen eval JSONL + conversion prompts\n"
+    "  facts       invented-entity facts: teacher text + recall/multiple-choice eval JSONL\n\n"
     "Run `opdlm data <action> --help` for its options.\n";
 
 std::string read_file(const std::string& path) {
@@ -57,7 +58,8 @@ void write_json(const std::string& path, const nlohmann::json& j) { write_text(p
 int data_prepare(const std::vector<std::string>& args) {
   po::options_description desc(
       "opdlm data prepare: tokenize documents into a token shard (docs/data_formats.md)\n"
-      "  opdlm data prepare --tokenizer tok.json --input a.txt [b.txt ...] --out shard.bin --append-eos");
+      "  opdlm data prepare --tokenizer tok.json --input a.txt [b.txt ...] --out shard.bin --append-eos\n"
+      "    [--shuffle-seed S] [--pack-rows SEQ_LEN]");
   std::string tok_path, out, format = "lines", field = "text";
   std::vector<std::string> inputs;
   uint32_t shuffle_seed = 0;
@@ -70,12 +72,17 @@ int data_prepare(const std::vector<std::string>& args) {
       ("field", po::value(&field)->default_value("text"), "JSONL string field holding the document")
       ("shuffle-seed", po::value(&shuffle_seed), "shuffle documents (counter RNG, data_shuffle, epoch 0)")
       ("append-eos", po::bool_switch(), "append <|endoftext|> to every document")
-      ("keep-newlines", po::bool_switch(), "keep each line's trailing newline in the document text");
+      ("keep-newlines", po::bool_switch(), "keep each line's trailing newline in the document text")
+      ("pack-rows", po::value<int64_t>(),
+       "pack documents (after the shuffle) into rows of exactly N tokens padded with <|endoftext|>, so every\n"
+       "trainer window (N = data.seq_len) starts with a whole document at position 0");
   po::variables_map vm;
   if (opdlm::cli::parse_or_print_help(args, desc, vm)) return kExitOk;
   const bool append_eos = vm["append-eos"].as<bool>(), keep_nl = vm["keep-newlines"].as<bool>();
 
   const auto fmt = opdlm::io::parse_doc_format(format);  // before the (slow) tokenizer load
+  if (vm.count("pack-rows") && vm["pack-rows"].as<int64_t>() < 2)
+    OPDLM_FAIL_AT("command line", "--pack-rows", "--pack-rows must be >= 2, got ", vm["pack-rows"].as<int64_t>());
   const auto tok = opdlm::io::Tokenizer::from_file(tok_path);
   std::optional<int32_t> eos;
   if (append_eos) {
@@ -95,6 +102,16 @@ int data_prepare(const std::vector<std::string>& args) {
     std::cout << in << ": " << docs.size() << " documents\n";
   }
   if (vm.count("shuffle-seed")) shard = shard.shuffled(shuffle_seed, 0);
+  if (vm.count("pack-rows")) {
+    const auto pad = tok.token_id("<|endoftext|>");
+    if (!pad) OPDLM_FAIL_AT(tok_path, "added_tokens", "--pack-rows: the tokenizer has no <|endoftext|> token to pad with");
+    const uint64_t n_docs = shard.num_documents(), n_tok = shard.num_tokens();
+    shard = opdlm::io::pack_rows(shard, vm["pack-rows"].as<int64_t>(), *pad);
+    std::cout << "packed " << n_docs << " documents (" << n_tok << " tokens) into " << shard.num_documents() - 1
+              << " rows of " << vm["pack-rows"].as<int64_t>() << " tokens ("
+              << (shard.num_tokens() ? 100.0 * double(shard.num_tokens() - n_tok) / double(shard.num_tokens()) : 0.0)
+              << "% padding)\n";
+  }
   shard.write(out);
   std::cout << "wrote " << out << ": " << shard.num_documents() << " documents, " << shard.num_tokens()
             << " tokens (" << n_bytes << " text bytes, "
@@ -200,20 +217,32 @@ int data_kjv(const std::vector<std::string>& args) {
 int data_arithmetic(const std::vector<std::string>& args) {
   po::options_description desc(
       "opdlm data arithmetic: synthetic arithmetic text and eval sets (../shared/docs/data.md 6.5)\n"
-      "  writes train.txt, eval_heldout.jsonl, eval_length.jsonl, eval_seen.jsonl, manifest.json");
+      "  writes train.txt, eval_heldout.jsonl, eval_length.jsonl, eval_seen.jsonl, conversion.jsonl,\n"
+      "  manifest.json");
   std::string out_dir;
   opdlm::io::ArithmeticConfig cfg;
+  int64_t n_conversion = static_cast<int64_t>(cfg.n_conversion), seed = 0;
   desc.add_options()("help", "show this help")
       ("out-dir", po::value(&out_dir)->required(), "output folder (created)")
       ("n-train", po::value(&cfg.n_train)->default_value(cfg.n_train), "training lines")
       ("n-eval", po::value(&cfg.n_eval)->default_value(cfg.n_eval), "items per eval set")
-      ("seed", po::value(&cfg.seed)->default_value(0), "generator seed")
+      ("seed", po::value(&seed)->default_value(0), "generator seed, [0, 2^32)")
       ("max-digits", po::value(&cfg.max_digits)->default_value(cfg.max_digits), "training operand digits 1..N")
       ("length-digits", po::value(&cfg.length_digits)->default_value(cfg.length_digits),
-       "operand digits of the length-generalisation set");
+       "operand digits of the length-generalisation set")
+      ("ops", po::value(&cfg.ops)->default_value(cfg.ops), "operators to draw from, e.g. \"+-\" (no products)")
+      ("n-conversion", po::value(&n_conversion)->default_value(n_conversion),
+       "conversion prompts with gold responses (never held out, never in eval_seen)");
   po::variables_map vm;
   if (opdlm::cli::parse_or_print_help(args, desc, vm)) return kExitOk;
   namespace io = opdlm::io;
+  // Parsed signed so that "-1" is an error naming the flag rather than a huge unsigned count.
+  if (n_conversion < 0) OPDLM_FAIL_AT("command line", "--n-conversion", "--n-conversion must be >= 0, got ", n_conversion);
+  cfg.n_conversion = static_cast<uint64_t>(n_conversion);
+  if (seed < 0 || seed > int64_t{0xFFFFFFFF})
+    OPDLM_FAIL_AT("command line", "--seed", "--seed must be in [0, 2^32), got ", seed);
+  cfg.seed = static_cast<uint32_t>(seed);
+  io::validate_arithmetic_config(cfg);  // before creating the folder
   fs::create_directories(out_dir);
   const auto sets = io::generate_arithmetic(cfg);
   std::vector<std::string> train;
@@ -226,6 +255,7 @@ int data_arithmetic(const std::vector<std::string>& args) {
                                  {"n_train", cfg.n_train},
                                  {"max_digits", cfg.max_digits},
                                  {"length_digits", cfg.length_digits},
+                                 {"ops", cfg.ops},
                                  {"train_txt_sha256", io::sha256_file_hex((d / "train.txt").string())}};
   auto write_set = [&](const char* file, const char* task, const std::vector<io::ArithProblem>& ps, const char* split,
                        const char* rule) {
@@ -238,15 +268,78 @@ int data_arithmetic(const std::vector<std::string>& args) {
   write_set("eval_length.jsonl", "arithmetic_length", sets.eval_length, "length",
             "both operands length_digits digits (never trained)");
   write_set("eval_seen.jsonl", "arithmetic_seen", sets.eval_seen, "seen", "first distinct training problems");
+  io::PromptDataset conv{dataset_header("arithmetic_conversion", source), io::arithmetic_conversion_records(sets.conversion)};
+  conv.header["rule"] = "not held out (sha256 % 100 >= 10), not in eval_seen, distinct; response = gold answer";
+  io::write_prompt_jsonl((d / "conversion.jsonl").string(), conv);
   write_json((d / "manifest.json").string(),
              {{"source", source},
               {"train_lines", sets.train.size()},
               {"eval_heldout", sets.eval_heldout.size()},
               {"eval_length", sets.eval_length.size()},
-              {"eval_seen", sets.eval_seen.size()}});
+              {"eval_seen", sets.eval_seen.size()},
+              {"conversion", sets.conversion.size()}});
   std::cout << "arithmetic: " << sets.train.size() << " train lines, " << sets.eval_heldout.size() << " held-out, "
             << sets.eval_length.size() << " length-" << cfg.length_digits << ", " << sets.eval_seen.size()
-            << " seen eval items; train.txt sha256 " << source["train_txt_sha256"].get<std::string>() << "\n";
+            << " seen eval items, " << sets.conversion.size() << " conversion prompts; train.txt sha256 "
+            << source["train_txt_sha256"].get<std::string>() << "\n";
+  return kExitOk;
+}
+
+int data_facts(const std::vector<std::string>& args) {
+  po::options_description desc(
+      "opdlm data facts: invented-entity facts, the knowledge-retention probe (../shared/docs/study.md 5.3)\n"
+      "  writes train.txt (every fact --repeats times), eval.jsonl (one completion + multiple-choice item per\n"
+      "  fact), manifest.json");
+  std::string out_dir;
+  opdlm::io::FactsConfig cfg;
+  int64_t seed = 0;  // signed, so a negative seed is an error naming --seed rather than a wrap-around
+  desc.add_options()("help", "show this help")
+      ("out-dir", po::value(&out_dir)->required(), "output folder (created)")
+      ("n-facts", po::value(&cfg.n_facts)->default_value(cfg.n_facts), "entities K (1 or 2 attributes each)")
+      ("repeats", po::value(&cfg.repeats)->default_value(cfg.repeats), "training lines per fact")
+      ("templates", po::value(&cfg.templates)->default_value(cfg.templates),
+       "surface forms per attribute used in training, 1..3 (eval uses form 0)")
+      ("distractors", po::value(&cfg.n_distractors)->default_value(cfg.n_distractors),
+       "multiple-choice distractors per item (other values of the same attribute)")
+      ("seed", po::value(&seed)->default_value(0), "generator seed, [0, 2^32)");
+  po::variables_map vm;
+  if (opdlm::cli::parse_or_print_help(args, desc, vm)) return kExitOk;
+  namespace io = opdlm::io;
+  if (seed < 0 || seed > int64_t{0xFFFFFFFF})
+    OPDLM_FAIL_AT("command line", "--seed", "--seed must be in [0, 2^32), got ", seed);
+  cfg.seed = static_cast<uint32_t>(seed);
+  io::validate_facts_config(cfg);  // before creating the folder
+  fs::create_directories(out_dir);
+  const auto set = io::generate_facts(cfg);
+  const fs::path d(out_dir);
+  write_text((d / "train.txt").string(), set.train_lines);
+  const nlohmann::json source = {{"generator", "opdlm::io::generate_facts"},
+                                 {"seed", cfg.seed},
+                                 {"n_facts", cfg.n_facts},
+                                 {"repeats", cfg.repeats},
+                                 {"templates", cfg.templates},
+                                 {"train_txt_sha256", io::sha256_file_hex((d / "train.txt").string())}};
+  io::PromptDataset ds{dataset_header("facts_recall", source), io::facts_records(set)};
+  ds.header["rule"] = "every fact once, surface form 0: prompt = sentence up to the value, gold = \" value.\"";
+  ds.header["distractors"] = cfg.n_distractors;
+  io::write_prompt_jsonl((d / "eval.jsonl").string(), ds);
+  nlohmann::json per_attr = nlohmann::json::object(), pools = nlohmann::json::object();
+  for (const auto& f : set.facts) {
+    const std::string a = io::fact_attribute_name(f.attribute);
+    per_attr[a] = per_attr.value(a, 0) + 1;
+  }
+  for (int a = 0; a < io::kFactAttributeCount; ++a) pools[io::fact_attribute_name(a)] = set.value_pools[a].size();
+  write_json((d / "manifest.json").string(), {{"source", source},
+                                              {"entities", set.entities.size()},
+                                              {"facts", set.facts.size()},
+                                              {"facts_per_attribute", per_attr},
+                                              {"value_pool_sizes", pools},
+                                              {"train_lines", set.train_lines.size()},
+                                              {"eval_items", ds.records.size()}});
+  std::cout << "facts: " << set.entities.size() << " entities, " << set.facts.size() << " facts, "
+            << set.train_lines.size() << " train lines (" << cfg.repeats << " repeats, " << cfg.templates
+            << " surface forms), " << ds.records.size() << " eval items; train.txt sha256 "
+            << source["train_txt_sha256"].get<std::string>() << "\n";
   return kExitOk;
 }
 
@@ -265,10 +358,11 @@ int cmd_data(const std::vector<std::string>& args) {
   if (a == "inspect") return data_inspect(rest);
   if (a == "kjv") return data_kjv(rest);
   if (a == "arithmetic") return data_arithmetic(rest);
+  if (a == "facts") return data_facts(rest);
   std::cerr << "opdlm data: unknown action '" << a << "'\n\n" << kUsage;
   return kExitUsage;
 }
 
 }  // namespace
 
-OPDLM_SUBCOMMAND("data", "build corpora and eval sets (kjv, arithmetic), tokenize into shards (prepare)", cmd_data);
+OPDLM_SUBCOMMAND("data", "build corpora and eval sets (kjv, arithmetic, facts), tokenize into shards (prepare)", cmd_data);

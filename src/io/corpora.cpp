@@ -1,4 +1,5 @@
-// KJV reader and split, seen/held-out eval records, and the keyed arithmetic generator.
+// KJV reader and split, seen/held-out eval records, the keyed arithmetic generator (with its
+// conversion prompts) and the invented-facts generator.
 #include "opdlm/io/corpora.hpp"
 
 #include <sys/wait.h>
@@ -15,6 +16,7 @@
 #include "opdlm/base/error.hpp"
 #include "opdlm/base/rng.hpp"
 #include "opdlm/io/hash.hpp"
+#include "opdlm/io/token_shard.hpp"
 
 namespace opdlm::io {
 namespace {
@@ -25,6 +27,13 @@ constexpr uint32_t kStepArithTrain = 1u;
 constexpr uint32_t kStepArithHeldout = 2u;
 constexpr uint32_t kStepArithLength = 3u;
 constexpr uint32_t kStepKjvDistractors = 4u;
+constexpr uint32_t kStepArithConversion = 5u;
+constexpr uint32_t kStepFactsNames = 6u;    // entity names, sample = entity index
+constexpr uint32_t kStepFactsValues = 7u;   // invented value names, sample = pool slot, position = attribute
+constexpr uint32_t kStepFactsAssign = 8u;   // attributes, values and distractors, sample = entity index
+
+// Command-line flags are named in config errors: the CLI fills these configs straight from them.
+constexpr const char* kCmdLine = "command line";
 
 bool all_digits(std::string_view s) {
   return !s.empty() && std::all_of(s.begin(), s.end(), [](char c) { return c >= '0' && c <= '9'; });
@@ -62,10 +71,10 @@ int64_t draw_operand(CounterRng::Cursor& cur, int digits) {
   return lo + cur.below(static_cast<uint32_t>(9 * lo));
 }
 
-ArithProblem draw_problem(CounterRng::Cursor& cur, int min_digits, int max_digits) {
-  static constexpr char kOps[3] = {'+', '-', '*'};
+ArithProblem draw_problem(CounterRng::Cursor& cur, int min_digits, int max_digits, const std::string& ops) {
+  // With the default "+-*" this is the original draw (below(3) into "+-*"), so old data is unchanged.
   ArithProblem p;
-  p.op = kOps[cur.below(3)];
+  p.op = ops[cur.below(static_cast<uint32_t>(ops.size()))];
   const auto span = static_cast<uint32_t>(max_digits - min_digits + 1);
   p.a = draw_operand(cur, min_digits + static_cast<int>(cur.below(span)));
   p.b = draw_operand(cur, min_digits + static_cast<int>(cur.below(span)));
@@ -267,10 +276,27 @@ std::string ArithProblem::key() const { return std::to_string(a) + "," + std::to
 
 bool arithmetic_held_out(const ArithProblem& p) { return sha256_mod(p.key(), 100) < 10; }
 
+void validate_arithmetic_config(const ArithmeticConfig& cfg) {
+  if (cfg.max_digits < 1 || cfg.max_digits > 9)
+    OPDLM_FAIL_AT(kCmdLine, "--max-digits", "--max-digits must be in [1, 9], got ", cfg.max_digits);
+  if (cfg.length_digits < 1 || cfg.length_digits > 9)
+    OPDLM_FAIL_AT(kCmdLine, "--length-digits", "--length-digits must be in [1, 9], got ", cfg.length_digits);
+  if (cfg.n_train >= (uint64_t{1} << 32))
+    OPDLM_FAIL_AT(kCmdLine, "--n-train", "--n-train must be below 2^32, got ", cfg.n_train);
+  if (cfg.n_eval >= (uint64_t{1} << 24))
+    OPDLM_FAIL_AT(kCmdLine, "--n-eval", "--n-eval must be below 2^24, got ", cfg.n_eval);
+  if (cfg.n_conversion >= (uint64_t{1} << 24))
+    OPDLM_FAIL_AT(kCmdLine, "--n-conversion", "--n-conversion must be below 2^24, got ", cfg.n_conversion);
+  if (cfg.ops.empty() || cfg.ops.size() > 3)
+    OPDLM_FAIL_AT(kCmdLine, "--ops", "--ops must be 1 to 3 distinct operators from \"+-*\", got \"", cfg.ops, "\"");
+  for (size_t i = 0; i < cfg.ops.size(); ++i)
+    if (std::string_view("+-*").find(cfg.ops[i]) == std::string_view::npos ||
+        cfg.ops.find(cfg.ops[i]) != i)
+      OPDLM_FAIL_AT(kCmdLine, "--ops", "--ops must be distinct operators from \"+-*\", got \"", cfg.ops, "\"");
+}
+
 ArithmeticSets generate_arithmetic(const ArithmeticConfig& cfg) {
-  OPDLM_CHECK(cfg.max_digits >= 1 && cfg.max_digits <= 9, "max_digits ", cfg.max_digits, " outside [1, 9]");
-  OPDLM_CHECK(cfg.length_digits >= 1 && cfg.length_digits <= 9, "length_digits outside [1, 9]");
-  OPDLM_CHECK(cfg.n_train < (uint64_t{1} << 32) && cfg.n_eval < (uint64_t{1} << 24), "arithmetic set too large");
+  validate_arithmetic_config(cfg);
   ArithmeticSets s;
   // Training sample i is a function of (seed, i) only: a longer run extends a shorter one.
   s.train.reserve(cfg.n_train);
@@ -278,33 +304,45 @@ ArithmeticSets generate_arithmetic(const ArithmeticConfig& cfg) {
     const CounterRng rng(RngKey{cfg.seed, RngPurpose::data_generate, kStepArithTrain, static_cast<uint32_t>(i), 0});
     CounterRng::Cursor cur(rng);
     ArithProblem p;
-    do p = draw_problem(cur, 1, cfg.max_digits);
+    do p = draw_problem(cur, 1, cfg.max_digits, cfg.ops);
     while (arithmetic_held_out(p));
     s.train.push_back(p);
   }
-  // Eval sets: distinct problems, drawn sample by sample until n_eval are found (bounded).
-  auto distinct = [&](uint32_t step, int min_d, int max_d, bool want_held_out) {
+  // Eval and conversion sets: distinct problems, drawn sample by sample until `n` are found
+  // (bounded). `want`: the side of the hash split a problem must be on (redrawn up to 1000 times
+  // per sample); Want::any takes the first draw (the length set: its digit count is never trained).
+  // `excluded` keys are skipped (the conversion set avoids eval_seen).
+  enum class Want { held_out, trained, any };
+  auto distinct = [&](uint32_t step, int min_d, int max_d, Want want, uint64_t n, const char* flag,
+                      const std::unordered_set<std::string>* excluded = nullptr) {
     std::vector<ArithProblem> out;
     std::unordered_set<std::string> seen;
-    const uint64_t max_samples = 64 * cfg.n_eval + 1024;
-    for (uint64_t i = 0; out.size() < cfg.n_eval && i < max_samples; ++i) {
+    auto ok = [&](const ArithProblem& p) { return want == Want::any || arithmetic_held_out(p) == (want == Want::held_out); };
+    const uint64_t max_samples = 64 * n + 1024;
+    for (uint64_t i = 0; out.size() < n && i < max_samples; ++i) {
       const CounterRng rng(RngKey{cfg.seed, RngPurpose::data_generate, step, static_cast<uint32_t>(i), 0});
       CounterRng::Cursor cur(rng);
-      ArithProblem p = draw_problem(cur, min_d, max_d);
-      for (int t = 0; want_held_out && !arithmetic_held_out(p) && t < 1000; ++t) p = draw_problem(cur, min_d, max_d);
-      if (want_held_out && !arithmetic_held_out(p)) continue;
+      ArithProblem p = draw_problem(cur, min_d, max_d, cfg.ops);
+      for (int t = 0; !ok(p) && t < 1000; ++t) p = draw_problem(cur, min_d, max_d, cfg.ops);
+      if (!ok(p)) continue;
+      if (excluded && excluded->count(p.key())) continue;
       if (seen.insert(p.key()).second) out.push_back(p);
     }
-    OPDLM_CHECK(out.size() == cfg.n_eval, "only ", out.size(), " distinct problems for an eval set of ", cfg.n_eval);
+    if (out.size() != n)
+      OPDLM_FAIL_AT(kCmdLine, flag, "only ", out.size(), " distinct problems found for a set of ", n,
+                    " (too few problems with these --ops/--max-digits/--length-digits); lower ", flag);
     return out;
   };
-  s.eval_heldout = distinct(kStepArithHeldout, 1, cfg.max_digits, true);
-  s.eval_length = distinct(kStepArithLength, cfg.length_digits, cfg.length_digits, false);
+  s.eval_heldout = distinct(kStepArithHeldout, 1, cfg.max_digits, Want::held_out, cfg.n_eval, "--n-eval");
+  s.eval_length = distinct(kStepArithLength, cfg.length_digits, cfg.length_digits, Want::any, cfg.n_eval, "--n-eval");
   std::unordered_set<std::string> seen;
   for (const auto& p : s.train) {
     if (s.eval_seen.size() >= cfg.n_eval) break;
     if (seen.insert(p.key()).second) s.eval_seen.push_back(p);
   }
+  // Conversion prompts: the training distribution minus the seen-eval problems.
+  s.conversion =
+      distinct(kStepArithConversion, 1, cfg.max_digits, Want::trained, cfg.n_conversion, "--n-conversion", &seen);
   return s;
 }
 
@@ -320,6 +358,225 @@ std::vector<PromptRecord> arithmetic_records(const std::vector<ArithProblem>& ps
     r.meta = {{"a", ps[i].a}, {"b", ps[i].b}, {"op", std::string(1, ps[i].op)}};
     out.push_back(std::move(r));
   }
+  return out;
+}
+
+std::vector<PromptRecord> arithmetic_conversion_records(const std::vector<ArithProblem>& ps) {
+  auto out = arithmetic_records(ps, "conversion");
+  for (auto& r : out) r.response = r.gold;
+  return out;
+}
+
+// ---- invented facts -------------------------------------------------------------------------------
+
+namespace {
+
+// Syllable parts of invented names: onset + vowel + optional coda. Empty codas dominate so names
+// stay pronounceable ("Zorvani", "Teluk"). Frozen: changing a list changes the data.
+constexpr const char* kOnsets[] = {"b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s",
+                                   "t", "v", "z", "th", "sh", "br", "dr", "kr", "tr", "gl", "st"};
+constexpr const char* kVowels[] = {"a", "e", "i", "o", "u"};
+constexpr const char* kCodas[] = {"", "", "", "", "n", "r", "l", "s", "k"};
+
+constexpr const char* kColours[] = {"red",    "blue",   "green",  "yellow",  "black",   "white",
+                                    "orange", "purple", "grey",   "brown",   "pink",    "gold",
+                                    "silver", "violet", "crimson", "teal"};
+constexpr const char* kAnimals[] = {"fox",    "owl",   "bear",  "wolf",  "horse", "eagle", "otter", "heron",
+                                    "lynx",   "badger", "falcon", "tiger", "lion", "crane", "swan",  "stag",
+                                    "hare",   "raven", "bison", "camel", "whale", "seal",  "moose", "boar"};
+constexpr int kCapitalPool = 48;   // invented city names
+constexpr int kLanguagePool = 32;  // invented language names
+
+struct AttributeSpec {
+  const char* name;
+  // Surface forms; "{E}" is the entity. Every form ends with " {V}." so the value is the completion.
+  const char* templates[kFactTemplateCount];
+};
+constexpr AttributeSpec kAttributes[kFactAttributeCount] = {
+    {"capital", {"The capital of {E} is {V}.", "{E} has its capital at {V}.", "The seat of {E} is the city of {V}."}},
+    {"flag", {"The flag of {E} is {V}.", "{E} flies a flag that is {V}.", "The colour of the flag of {E} is {V}."}},
+    {"language", {"The people of {E} speak {V}.", "In {E} the people speak {V}.", "The language of {E} is {V}."}},
+    {"animal",
+     {"The national animal of {E} is the {V}.", "The symbol of {E} is the {V}.", "In {E} the national animal is the {V}."}},
+};
+
+std::string draw_name(CounterRng::Cursor& cur) {
+  const uint32_t n_syl = 2 + cur.below(2);
+  std::string name;
+  for (uint32_t i = 0; i < n_syl; ++i) {
+    name += kOnsets[cur.below(std::size(kOnsets))];
+    name += kVowels[cur.below(std::size(kVowels))];
+    name += kCodas[cur.below(std::size(kCodas))];
+  }
+  name[0] = static_cast<char>(name[0] - 'a' + 'A');
+  return name;
+}
+
+// A name not yet in `used` (and added to it); redraws on the same cursor, bounded.
+std::string draw_unique_name(CounterRng::Cursor& cur, std::unordered_set<std::string>& used, const char* flag) {
+  for (int tries = 0; tries < 10000; ++tries) {
+    std::string n = draw_name(cur);
+    if (used.insert(n).second) return n;
+  }
+  OPDLM_FAIL_AT(kCmdLine, flag, "cannot draw enough distinct invented names; lower ", flag);
+}
+
+std::string fill(const char* tmpl, const std::string& entity, const std::string& value) {
+  std::string out;
+  for (const char* c = tmpl; *c; ++c) {
+    if (c[0] == '{' && c[1] && c[2] == '}') {
+      out += c[1] == 'E' ? entity : value;
+      c += 2;
+    } else {
+      out += *c;
+    }
+  }
+  return out;
+}
+
+}  // namespace
+
+const char* fact_attribute_name(int attribute) {
+  OPDLM_CHECK(attribute >= 0 && attribute < kFactAttributeCount, "fact attribute ", attribute, " out of range");
+  return kAttributes[attribute].name;
+}
+
+std::string Fact::sentence(int tmpl) const {
+  OPDLM_CHECK(tmpl >= 0 && tmpl < kFactTemplateCount, "fact template ", tmpl, " out of range");
+  return fill(kAttributes[attribute].templates[tmpl], entity, value);
+}
+std::string Fact::prompt() const {
+  const std::string s = sentence(0);
+  return s.substr(0, s.size() - gold().size());
+}
+std::string Fact::gold() const { return " " + value + "."; }
+
+void validate_facts_config(const FactsConfig& cfg) {
+  if (cfg.n_facts < 1 || cfg.n_facts > 100000)
+    OPDLM_FAIL_AT(kCmdLine, "--n-facts", "--n-facts must be in [1, 100000], got ", cfg.n_facts);
+  if (cfg.repeats < 1 || cfg.repeats > 10000)
+    OPDLM_FAIL_AT(kCmdLine, "--repeats", "--repeats must be in [1, 10000], got ", cfg.repeats);
+  if (cfg.templates < 1 || cfg.templates > kFactTemplateCount)
+    OPDLM_FAIL_AT(kCmdLine, "--templates", "--templates must be in [1, ", kFactTemplateCount, "], got ", cfg.templates);
+  // The smallest pool (16 colours) must hold the gold plus the distractors.
+  if (cfg.n_distractors < 0 || cfg.n_distractors >= static_cast<int>(std::size(kColours)))
+    OPDLM_FAIL_AT(kCmdLine, "--distractors", "--distractors must be in [0, ", std::size(kColours) - 1, "], got ",
+                  cfg.n_distractors);
+  if (static_cast<uint64_t>(cfg.n_facts) * static_cast<uint64_t>(2 * cfg.repeats) > (uint64_t{1} << 31))
+    OPDLM_FAIL_AT(kCmdLine, "--repeats", "--n-facts x --repeats is too large (", cfg.n_facts, " x ", cfg.repeats, ")");
+}
+
+FactsSet generate_facts(const FactsConfig& cfg) {
+  validate_facts_config(cfg);
+  FactsSet s;
+  std::unordered_set<std::string> used;
+  // Value pools first, so the entity count never changes them; invented values and entity names
+  // share `used`, so no entity is named like a city or a language.
+  s.value_pools.resize(kFactAttributeCount);
+  for (int a = 0; a < kFactAttributeCount; ++a) {
+    auto& pool = s.value_pools[a];
+    const std::string name = kAttributes[a].name;
+    if (name == "flag") {
+      pool.assign(std::begin(kColours), std::end(kColours));
+    } else if (name == "animal") {
+      pool.assign(std::begin(kAnimals), std::end(kAnimals));
+    } else {
+      const int n = name == "capital" ? kCapitalPool : kLanguagePool;
+      for (int j = 0; j < n; ++j) {
+        const CounterRng rng(RngKey{cfg.seed, RngPurpose::data_generate, kStepFactsValues, static_cast<uint32_t>(j),
+                                    static_cast<uint32_t>(a)});
+        CounterRng::Cursor cur(rng);
+        pool.push_back(draw_unique_name(cur, used, "--seed"));
+      }
+    }
+  }
+  for (const auto& pool : s.value_pools)
+    for (const auto& v : pool) used.insert(v);
+
+  const auto k = static_cast<uint64_t>(cfg.n_facts);
+  s.entities.reserve(k);
+  for (uint64_t i = 0; i < k; ++i) {
+    const CounterRng rng(RngKey{cfg.seed, RngPurpose::data_generate, kStepFactsNames, static_cast<uint32_t>(i), 0});
+    CounterRng::Cursor cur(rng);
+    s.entities.push_back(draw_unique_name(cur, used, "--n-facts"));
+  }
+  for (uint64_t i = 0; i < k; ++i) {
+    // Entity i's attributes, values and distractors depend only on (seed, i).
+    const CounterRng rng(RngKey{cfg.seed, RngPurpose::data_generate, kStepFactsAssign, static_cast<uint32_t>(i), 0});
+    CounterRng::Cursor cur(rng);
+    const int n_attr = 1 + static_cast<int>(cur.below(2));
+    const int a0 = static_cast<int>(cur.below(kFactAttributeCount));
+    const int attrs[2] = {a0, (a0 + 1 + static_cast<int>(cur.below(kFactAttributeCount - 1))) % kFactAttributeCount};
+    for (int j = 0; j < n_attr; ++j) {
+      const auto& pool = s.value_pools[attrs[j]];
+      const auto n_pool = static_cast<uint32_t>(pool.size());
+      Fact f{s.entities[i], attrs[j], pool[cur.below(n_pool)]};
+      std::vector<std::string> ds;
+      std::unordered_set<std::string> taken{f.value};
+      // Rejection is bounded in expectation: the pool holds more than n_distractors + 1 values.
+      while (static_cast<int>(ds.size()) < cfg.n_distractors) {
+        const std::string& v = pool[cur.below(n_pool)];
+        if (taken.insert(v).second) ds.push_back(" " + v + ".");
+      }
+      s.facts.push_back(std::move(f));
+      s.distractors.push_back(std::move(ds));
+    }
+  }
+  // Repeat r of a fact uses surface form r % templates; lines are then shuffled so repeats of a
+  // fact are spread over the file even when it is read in order.
+  std::vector<std::string> lines;
+  lines.reserve(s.facts.size() * static_cast<size_t>(cfg.repeats));
+  for (const auto& f : s.facts)
+    for (int r = 0; r < cfg.repeats; ++r) lines.push_back(f.sentence(r % cfg.templates));
+  const auto perm = shuffle_permutation(lines.size(), cfg.seed, 0);
+  s.train_lines.reserve(lines.size());
+  for (uint64_t j : perm) s.train_lines.push_back(lines[j]);
+  return s;
+}
+
+std::vector<PromptRecord> facts_records(const FactsSet& s) {
+  std::vector<PromptRecord> out;
+  out.reserve(s.facts.size());
+  for (size_t i = 0; i < s.facts.size(); ++i) {
+    const Fact& f = s.facts[i];
+    PromptRecord r;
+    r.id = "fact-" + std::to_string(i);
+    r.split = "seen";
+    r.prompt = f.prompt();
+    r.gold = f.gold();
+    r.distractors = s.distractors[i];
+    r.meta = {{"entity", f.entity}, {"attribute", fact_attribute_name(f.attribute)}, {"value", f.value}};
+    out.push_back(std::move(r));
+  }
+  return out;
+}
+
+// ---- row-aligned packing ---------------------------------------------------------------------------
+
+TokenShard pack_rows(const TokenShard& in, int64_t row_len, int32_t pad_id) {
+  if (row_len < 2) OPDLM_FAIL_AT(kCmdLine, "--pack-rows", "--pack-rows must be >= 2, got ", row_len);
+  if (pad_id < 0 || pad_id >= in.vocab_size())
+    OPDLM_FAIL_AT(kCmdLine, "--pack-rows", "pad id ", pad_id, " outside the vocabulary of ", in.vocab_size());
+  TokenShard out(in.vocab_size(), in.tokenizer_sha256());
+  std::vector<int32_t> row;
+  row.reserve(static_cast<size_t>(row_len));
+  auto flush = [&] {
+    row.resize(static_cast<size_t>(row_len), pad_id);
+    out.add_document(row);
+    row.clear();
+  };
+  for (uint64_t d = 0; d < in.num_documents(); ++d) {
+    const auto doc = in.document(d);
+    if (static_cast<int64_t>(doc.size()) > row_len)
+      OPDLM_FAIL_AT(kCmdLine, "--pack-rows", "document ", d, " has ", doc.size(), " tokens, more than a row of ",
+                    row_len, "; raise --pack-rows (and the trainer's data.seq_len with it)");
+    if (doc.empty()) continue;
+    if (static_cast<int64_t>(row.size() + doc.size()) > row_len) flush();
+    row.insert(row.end(), doc.begin(), doc.end());
+  }
+  if (!row.empty()) flush();
+  const int32_t boundary[1] = {pad_id};
+  out.add_document(boundary);
   return out;
 }
 

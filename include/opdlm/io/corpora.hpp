@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "opdlm/io/jsonl_dataset.hpp"
+#include "opdlm/io/token_shard.hpp"
 
 namespace opdlm::io {
 
@@ -91,16 +92,87 @@ struct ArithmeticConfig {
   uint32_t seed = 0;
   int max_digits = 3;         // training and held-out operands have 1..max_digits digits
   int length_digits = 4;      // the length-generalisation set: both operands this many digits
+  std::string ops = "+-*";    // operators drawn uniformly (distinct chars of "+-*"); "+-" = no products
+  uint64_t n_conversion = 1000;  // conversion prompts (OPD / RM-CE), distinct, never held out
 };
+
+// Throws an Error naming the command-line flag (--max-digits, --ops, ...) of the first bad field.
+void validate_arithmetic_config(const ArithmeticConfig& cfg);
 
 struct ArithmeticSets {
   std::vector<ArithProblem> train;         // never held out; sample i depends only on (seed, i)
   std::vector<ArithProblem> eval_heldout;  // held-out pairs, 1..max_digits digits, distinct
   std::vector<ArithProblem> eval_length;   // length_digits-digit operands, distinct
   std::vector<ArithProblem> eval_seen;     // distinct problems from `train`, first occurrences
+  // Distinct problems for student conversion: never held out (so disjoint from eval_heldout and,
+  // by digit count, from eval_length) and never in eval_seen, so RM-CE on their gold responses
+  // cannot inflate any eval score.
+  std::vector<ArithProblem> conversion;
 };
 ArithmeticSets generate_arithmetic(const ArithmeticConfig& cfg);
 // Records: prompt "a+b=", gold "c", split as given, id "<split>-<i>".
 std::vector<PromptRecord> arithmetic_records(const std::vector<ArithProblem>& ps, const std::string& split);
+// Conversion records: prompt "a+b=", response = gold = "c" (the ground truth RM-CE trains on; OPD
+// reads only the prompt), split "conversion", id "conversion-<i>".
+std::vector<PromptRecord> arithmetic_conversion_records(const std::vector<ArithProblem>& ps);
 
+// ---- Invented facts (knowledge probe, ../shared/docs/study.md 5.3 FACTS) ---------------------------
+// K invented entities with pronounceable syllable names, each with 1 or 2 attributes (capital,
+// flag colour, language, national animal) whose values come from a fixed pool per attribute. The
+// teacher pretrains on every fact `repeats` times; the facts never enter conversion data, so their
+// recall after conversion measures knowledge retention.
+
+inline constexpr int kFactAttributeCount = 4;
+inline constexpr int kFactTemplateCount = 3;  // surface forms per attribute; template 0 is the eval form
+
+struct Fact {
+  std::string entity;  // "Zorvani"
+  int attribute = 0;   // index into the attribute table, [0, kFactAttributeCount)
+  std::string value;   // "Teluk"
+
+  // The sentence in surface form `tmpl` (0..kFactTemplateCount-1), always ending in " {value}.":
+  // "The capital of Zorvani is Teluk."
+  std::string sentence(int tmpl = 0) const;
+  std::string prompt() const;  // template 0 up to the value: "The capital of Zorvani is"
+  std::string gold() const;    // " Teluk." (prompt + gold == sentence(0))
+  bool operator==(const Fact&) const = default;
+};
+
+// "capital", "flag", "language", "animal".
+const char* fact_attribute_name(int attribute);
+
+struct FactsConfig {
+  int64_t n_facts = 1000;   // entities K; each has 1 or 2 attributes, so K..2K facts
+  int repeats = 30;         // training lines per fact
+  int templates = 1;        // surface forms used in training, 1..3 (repeat r uses form r % templates)
+  int n_distractors = 3;    // other values of the same attribute per eval item
+  uint32_t seed = 0;
+};
+
+// Throws an Error naming the command-line flag (--n-facts, --repeats, ...) of the first bad field.
+void validate_facts_config(const FactsConfig& cfg);
+
+struct FactsSet {
+  std::vector<std::string> entities;                 // K distinct names
+  std::vector<std::vector<std::string>> value_pools;  // per attribute; invented names disjoint from entities
+  std::vector<Fact> facts;                           // entity-major, attributes in drawn order
+  std::vector<std::vector<std::string>> distractors;  // per fact: distinct pool values != its value
+  std::vector<std::string> train_lines;              // facts.size() * repeats sentences, shuffled by seed
+};
+// A pure function of the config: the same seed gives the same names, facts and line order.
+FactsSet generate_facts(const FactsConfig& cfg);
+// One eval record per fact: prompt, gold, distractors, split "seen", id "fact-<i>",
+// meta {entity, attribute, value}.
+std::vector<PromptRecord> facts_records(const FactsSet& s);
+
+
+// ---- Row-aligned packing (opdlm data prepare --pack-rows) -----------------------------------------
+// The AR trainer cuts the shard's token stream into windows starting at multiples of data.seq_len.
+// Packing the documents (in order) into rows of exactly `row_len` tokens, each row padded at its end
+// with `pad_id`, makes every window start with a whole document at position 0, with no token before
+// it: the condition of an eval prompt. Without it a short prompt at position 0 is a state the teacher
+// almost never trained on. Each row becomes one document; a final one-token pad document gives the
+// last row the boundary token its window needs. A document longer than a row is an error naming
+// `--pack-rows`.
+TokenShard pack_rows(const TokenShard& in, int64_t row_len, int32_t pad_id);
 }  // namespace opdlm::io
