@@ -94,7 +94,8 @@ po::options_description OpdTrainOptions::schema() {
       ("run.out_dir", po::value<std::string>()->default_value(""), "output directory")
       ("run.seed", po::value<uint32_t>()->default_value(1234), "seed (prompt order, rollouts, states)")
       ("run.log_every", po::value<int64_t>()->default_value(1), "RL steps between log lines")
-      ("run.save_every", po::value<int64_t>()->default_value(0), "RL steps between model saves (0: end only)");
+      ("run.save_every", po::value<int64_t>()->default_value(0), "RL steps between model saves (0: end only)")
+      ("run.save_at_tokens", po::value<std::string>()->default_value(""), "comma-separated training-token milestones to save checkpoints/tokens_<M>.h5 at");
   return d;
 }
 
@@ -185,6 +186,26 @@ OpdTrainOptions OpdTrainOptions::from_config(const ResolvedConfig& c, Conversion
   o.seed = c.get<uint32_t>("run.seed");
   o.log_every = positive("run.log_every", c.get<int64_t>("run.log_every"), 1);
   o.save_every = positive("run.save_every", c.get<int64_t>("run.save_every"), 0);
+  {
+    const std::string list = c.get<std::string>("run.save_at_tokens");
+    size_t pos = 0;
+    while (pos < list.size()) {
+      const size_t comma = std::min(list.find(',', pos), list.size());
+      const std::string item = list.substr(pos, comma - pos);
+      int64_t v = 0;
+      try {
+        size_t used = 0;
+        v = std::stoll(item, &used);
+        if (used != item.size()) throw std::invalid_argument(item);
+      } catch (const std::exception&) {
+        OPDLM_FAIL_AT(where("run.save_at_tokens"), "run.save_at_tokens", "'", item, "' is not an integer");
+      }
+      if (v <= 0 || (!o.save_at_tokens.empty() && v <= o.save_at_tokens.back()))
+        OPDLM_FAIL_AT(where("run.save_at_tokens"), "run.save_at_tokens", "milestones must be positive and ascending, got ", v);
+      o.save_at_tokens.push_back(v);
+      pos = comma + 1;
+    }
+  }
 
   if (o.out_dir.empty()) OPDLM_FAIL_AT(where("run.out_dir"), "run.out_dir", "an output directory is required");
   if (o.prompts.empty()) OPDLM_FAIL_AT(where("data.prompts"), "data.prompts", "a conversion prompt JSONL is required");
@@ -361,6 +382,21 @@ OpdTrainSummary run_opd_training(const OpdTrainOptions& o, const std::string& re
     metrics.write({{"event", "save"}, {"rl_step", rl_step}, {"path", model_path}});
   };
 
+  size_t next_milestone = 0;
+  auto save_milestones = [&](int64_t rl_step) {
+    while (next_milestone < o.save_at_tokens.size() && bc.train_tokens() >= o.save_at_tokens[next_milestone]) {
+      const int64_t m = o.save_at_tokens[next_milestone++];
+      fs::create_directories(o.out_dir + "/checkpoints");
+      const std::string path = o.out_dir + "/checkpoints/tokens_" + std::to_string(m) + ".h5";
+      io::save_model(path, student.weights(),
+                     {{"mode", mode}, {"rl_step", rl_step}, {"optimizer_steps", sum.optimizer_steps},
+                      {"train_tokens", bc.train_tokens()}, {"milestone", m}, {"teacher", o.teacher},
+                      {"tokenizer", o.tokenizer}});
+      metrics.write({{"event", "milestone"}, {"milestone", m}, {"train_tokens", bc.train_tokens()},
+                     {"rl_step", rl_step}, {"path", path}});
+    }
+  };
+
   run_probe(0);
   std::vector<uint64_t> perm;
   uint64_t perm_epoch = UINT64_MAX;
@@ -531,6 +567,7 @@ OpdTrainSummary run_opd_training(const OpdTrainOptions& o, const std::string& re
       step_loss += update_loss;
       step_rows += static_cast<int64_t>(u1 - u0);
       last_norm = norm;
+      save_milestones(step + 1);
       if (o.max_train_tokens > 0 && bc.train_tokens() >= o.max_train_tokens) budget_reached = true;
     }
     sum.rl_steps = step + 1;

@@ -327,10 +327,18 @@ TEST(OpdTraining, TokenBudgetStopsTheRun) {
   auto o = tiny_options(s, train::ConversionMode::rm_kl, "run");
   o.rl_steps = 50;
   o.max_train_tokens = 30;
+  o.save_at_tokens = {10, 20, 1000};
   o.probe_prompts.clear();
   const auto r = train::run_opd_training(o, "test");
   EXPECT_LT(r.rl_steps, 50);
   EXPECT_GE(r.budget.train_tokens(), 30);
+  // Milestone checkpoints: written once each when the counter first reaches them, never beyond.
+  for (int m : {10, 20}) {
+    const auto info = io::read_model_info(o.out_dir + "/checkpoints/tokens_" + std::to_string(m) + ".h5");
+    EXPECT_GE(info.extra["train_tokens"].get<int64_t>(), m);
+    EXPECT_LT(info.extra["train_tokens"].get<int64_t>(), 30 + m);
+  }
+  EXPECT_FALSE(fs::exists(o.out_dir + "/checkpoints/tokens_1000.h5"));
   fs::remove_all(s.dir);
 }
 
@@ -371,5 +379,7 @@ TEST(OpdConfig, ShippedConfigsLoadAndBadValuesNameTheKey) {
   fails_with({"--rollout.tau=2"}, "rollout.tau");
   fails_with({"--loss.no_such_key=1"}, "no_such_key");
   fails_with({"--model.teacher="}, "model.teacher");
+  fails_with({"--run.save_at_tokens=500,200"}, "run.save_at_tokens");
+  fails_with({"--run.save_at_tokens=5k"}, "run.save_at_tokens");
   EXPECT_NE(test::error_of([] { train::parse_conversion_mode("sft"); }).find("sft"), std::string::npos);
 }

@@ -7,6 +7,7 @@
 #include <boost/program_options/options_description.hpp>
 #include <cstdint>
 #include <string>
+#include <vector>
 
 #include "opdlm/base/config.hpp"
 #include "opdlm/diffusion/sampler.hpp"
@@ -69,6 +70,9 @@ struct OpdTrainOptions {
   uint32_t seed = 1234;
   int64_t log_every = 1;
   int64_t save_every = 0;
+  // Token milestones (ascending): the first update that brings train_tokens to >= M writes
+  // RUN/checkpoints/tokens_<M>.h5, for tokens-to-threshold curves from one run.
+  std::vector<int64_t> save_at_tokens;
 
   static boost::program_options::options_description schema();
   static OpdTrainOptions from_config(const ResolvedConfig& cfg, ConversionMode mode);
