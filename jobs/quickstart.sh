@@ -28,28 +28,15 @@ export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-passive}
 start=$(date +%s)
 stamp() { echo "[quickstart $(( $(date +%s) - start )) s] $*"; }
 
-if [[ ! -x $OPDLM ]]; then
-  stamp "building $OPDLM"
-  cmake -S . -B build -DCMAKE_BUILD_TYPE=Release > /dev/null
-  cmake --build build -j"$(nproc)" --target opdlm_cli > /dev/null
-fi
+source jobs/lib/common.sh  # ensure_opdlm, ensure_quickstart_data, ensure_quickstart_teacher
+ensure_opdlm "$OPDLM"
 mkdir -p "$RUN/eval"
 
 # ---- data -----------------------------------------------------------------------------------------
-if [[ ! -f $DATA/train.bin ]]; then
-  stamp "data -> $DATA"
-  OPDLM=$OPDLM jobs/data/make_quickstart_corpus.sh "$DATA" > "$RUN/data.log"
-fi
+ensure_quickstart_data "$OPDLM" "$DATA" "$RUN/data.log"
 
 # ---- teacher --------------------------------------------------------------------------------------
-if [[ ! -f $RUN/teacher/model.h5 ]]; then
-  stamp "teacher: opdlm train --mode ar (configs/teacher/quickstart.ini)"
-  mkdir -p "$RUN/teacher"
-  "$OPDLM" train --mode ar --config configs/teacher/quickstart.ini --model.tokenizer="$DATA/tokenizer.json" \
-    --data.train="$DATA/train.bin" --run.out_dir="$RUN/teacher" > "$RUN/teacher/summary.json.tmp" 2> "$RUN/teacher.log" \
-    || { echo "teacher training failed: see $RUN/teacher.log" >&2; exit 1; }
-  mv "$RUN/teacher/summary.json.tmp" "$RUN/teacher/summary.json"
-fi
+ensure_quickstart_teacher "$OPDLM" "$DATA" "$RUN/teacher" "$RUN/teacher.log"
 TEACHER=$RUN/teacher/model.h5
 
 # ---- conversion: OPD, then rm-ce at OPD's token count ---------------------------------------------
