@@ -11,6 +11,7 @@
 
 #include "opdlm/base/error.hpp"
 #include "opdlm/base/log.hpp"
+#include "opdlm/diffusion/rollout_buffer.hpp"
 #include "opdlm/io/jsonl_dataset.hpp"
 #include "opdlm/io/model_file.hpp"
 #include "opdlm/io/token_shard.hpp"
@@ -398,6 +399,7 @@ OpdTrainSummary run_opd_training(const OpdTrainOptions& o, const std::string& re
   };
 
   run_probe(0);
+  diffusion::RolloutBuffer rollouts;
   std::vector<uint64_t> perm;
   uint64_t perm_epoch = UINT64_MAX;
   bool budget_reached = false;
@@ -438,23 +440,26 @@ OpdTrainSummary run_opd_training(const OpdTrainOptions& o, const std::string& re
       std::vector<std::vector<int32_t>> ids;
       for (const auto* p : batch) ids.push_back(p->prompt);
       const auto rs = diffusion::bd_generate(student, ids, sample_ids, so);
-      for (size_t i = 0; i < rs.size(); ++i) {
-        const auto& r = rs[i];
-        if (!r.ok()) {
+      // The step's rollouts, tagged with the weights that made them (the unit a checkpoint saves).
+      rollouts = diffusion::RolloutBuffer(sum.optimizer_steps, so);
+      for (size_t i = 0; i < rs.size(); ++i)
+        if (!rs[i].ok()) {
           ++bc.skipped_prompts;
-          metrics.write({{"event", "skip"}, {"rl_step", step}, {"id", batch[i]->id}, {"reason", r.error}});
-          continue;
+          metrics.write({{"event", "skip"}, {"rl_step", step}, {"id", batch[i]->id}, {"reason", rs[i].error}});
         }
+      rollouts.append_ok(rs);
+      for (const auto& r : rollouts) {
         ++bc.rollouts;
         step_generated += static_cast<int64_t>(r.response.size());
         step_denoise += r.denoise_forwards;
         eos_count += r.stopped_at_eos;
-        const double ctx = static_cast<double>(r.prompt.size() + r.response.size());
-        // Estimate from the forward counts: b query tokens per forward at the sequence's mean context.
-        bc.rollout_flops += static_cast<double>(r.prompt.size()) * model::forward_flops_per_token(cfg, ctx / 2, false) +
+        // An estimate from the forward counts: the prefill (P tokens, mean context P/2), then b query
+        // tokens per denoising or commit forward at the response's mean context P + R/2.
+        const double P = static_cast<double>(r.prompt.size()), R = static_cast<double>(r.response.size());
+        bc.rollout_flops += P * model::forward_flops_per_token(cfg, P / 2, false) +
                             static_cast<double>((r.denoise_forwards + r.commit_forwards) * sampler.block_size) *
-                                model::forward_flops_per_token(cfg, ctx / 2 + static_cast<double>(r.prompt.size()) / 2);
-        samples.push_back({r.sample_id, &batch[i]->prompt, r.response, r.step_map});
+                                model::forward_flops_per_token(cfg, P + R / 2);
+        samples.push_back({r.sample_id, &r.prompt, r.response, r.step_map});
       }
       bc.generated_tokens += step_generated;
     } else if (o.ce_source == CeSource::gold) {
