@@ -7,7 +7,8 @@
 #   facts/       train.txt (N_FACTS entities, 1-2 attributes each -> ~1.46 x N_FACTS facts, each
 #                REPEATS times), eval.jsonl (every fact once: "The capital of X is" -> " Y.", 3
 #                distractors of the same attribute), manifest.json
-#   arith/       train.txt (N_ARITH "a+b=c" / "a-b=c" lines, operands 0-99, 10% of pairs held out),
+#   arith/       train.txt (N_ARITH "a+b=c" / "a-b=c" lines, operands 0-99, no negative results, 10%
+#                of pairs held out),
 #                eval_heldout.jsonl, eval_seen.jsonl, eval_length.jsonl (3-digit operands; N_EVAL
 #                each), conversion.jsonl (N_CONV prompts + gold responses: never held out, never in
 #                eval_seen, and no facts: conversion data for OPD and the RM-CE baseline), manifest.json
@@ -18,8 +19,9 @@
 #                       shuffled with SEED, then packed into SEQ_LEN-token rows padded with
 #                       <|endoftext|> so every trainer window starts with a whole line (docs/data_formats.md)
 #   SHA256SUMS
-# Sizes with defaults: ~12.8k fact lines + 60k arithmetic lines, ~1.0 MB of text, ~0.6M tokens.
-# Time on 2 cores: ~10 s (the BPE training dominates).
+# Sizes with defaults: 13,140 fact lines (438 facts) + 60k arithmetic lines, 0.97 MB of text,
+# 0.64M tokens (0.69M after packing into 64-token rows, 6.6% padding).
+# Time on 2 cores: ~1 s.
 #
 # Usage: jobs/data/make_quickstart_corpus.sh [OUT]
 #   env: OPDLM (binary, default build/opdlm), VOCAB (512), N_FACTS (300), REPEATS (30),
@@ -45,9 +47,10 @@ start=$(date +%s)
 
 "$OPDLM" data facts --out-dir "$OUT/facts" --n-facts "$N_FACTS" --repeats "$REPEATS" \
   --templates "$TEMPLATES" --seed "$SEED"
-# Easy arithmetic for a tiny teacher: + and - only, operands 0-99; the length set uses 3 digits.
+# Easy arithmetic for a tiny teacher: + and - only, operands 0-99, no negative results (they were
+# the hardest part: 0 EM after 600 steps); the length set uses 3 digits.
 "$OPDLM" data arithmetic --out-dir "$OUT/arith" --n-train "$N_ARITH" --n-eval "$N_EVAL" --seed "$SEED" \
-  --ops "+-" --max-digits 2 --length-digits 3 --n-conversion "$N_CONV"
+  --ops "+-" --no-negative --max-digits 2 --length-digits 3 --n-conversion "$N_CONV"
 cat "$OUT/facts/train.txt" "$OUT/arith/train.txt" > "$OUT/teacher_train.txt"
 
 # Trained on the teacher's text only (the conversion prompts are arithmetic from the same

@@ -231,6 +231,7 @@ int data_arithmetic(const std::vector<std::string>& args) {
       ("length-digits", po::value(&cfg.length_digits)->default_value(cfg.length_digits),
        "operand digits of the length-generalisation set")
       ("ops", po::value(&cfg.ops)->default_value(cfg.ops), "operators to draw from, e.g. \"+-\" (no products)")
+      ("no-negative", po::bool_switch(&cfg.no_negative), "draw a-b with a < b as b-a (no negative results)")
       ("n-conversion", po::value(&n_conversion)->default_value(n_conversion),
        "conversion prompts with gold responses (never held out, never in eval_seen)");
   po::variables_map vm;
@@ -256,6 +257,7 @@ int data_arithmetic(const std::vector<std::string>& args) {
                                  {"max_digits", cfg.max_digits},
                                  {"length_digits", cfg.length_digits},
                                  {"ops", cfg.ops},
+                                 {"no_negative", cfg.no_negative},
                                  {"train_txt_sha256", io::sha256_file_hex((d / "train.txt").string())}};
   auto write_set = [&](const char* file, const char* task, const std::vector<io::ArithProblem>& ps, const char* split,
                        const char* rule) {

@@ -71,13 +71,16 @@ int64_t draw_operand(CounterRng::Cursor& cur, int digits) {
   return lo + cur.below(static_cast<uint32_t>(9 * lo));
 }
 
-ArithProblem draw_problem(CounterRng::Cursor& cur, int min_digits, int max_digits, const std::string& ops) {
+ArithProblem draw_problem(CounterRng::Cursor& cur, int min_digits, int max_digits, const std::string& ops,
+                          bool no_negative) {
   // With the default "+-*" this is the original draw (below(3) into "+-*"), so old data is unchanged.
   ArithProblem p;
   p.op = ops[cur.below(static_cast<uint32_t>(ops.size()))];
   const auto span = static_cast<uint32_t>(max_digits - min_digits + 1);
   p.a = draw_operand(cur, min_digits + static_cast<int>(cur.below(span)));
   p.b = draw_operand(cur, min_digits + static_cast<int>(cur.below(span)));
+  // Swapping (rather than redrawing) keeps the stream: the same draws, only the order changes.
+  if (no_negative && p.op == '-' && p.a < p.b) std::swap(p.a, p.b);
   return p;
 }
 
@@ -304,7 +307,7 @@ ArithmeticSets generate_arithmetic(const ArithmeticConfig& cfg) {
     const CounterRng rng(RngKey{cfg.seed, RngPurpose::data_generate, kStepArithTrain, static_cast<uint32_t>(i), 0});
     CounterRng::Cursor cur(rng);
     ArithProblem p;
-    do p = draw_problem(cur, 1, cfg.max_digits, cfg.ops);
+    do p = draw_problem(cur, 1, cfg.max_digits, cfg.ops, cfg.no_negative);
     while (arithmetic_held_out(p));
     s.train.push_back(p);
   }
@@ -322,8 +325,8 @@ ArithmeticSets generate_arithmetic(const ArithmeticConfig& cfg) {
     for (uint64_t i = 0; out.size() < n && i < max_samples; ++i) {
       const CounterRng rng(RngKey{cfg.seed, RngPurpose::data_generate, step, static_cast<uint32_t>(i), 0});
       CounterRng::Cursor cur(rng);
-      ArithProblem p = draw_problem(cur, min_d, max_d, cfg.ops);
-      for (int t = 0; !ok(p) && t < 1000; ++t) p = draw_problem(cur, min_d, max_d, cfg.ops);
+      ArithProblem p = draw_problem(cur, min_d, max_d, cfg.ops, cfg.no_negative);
+      for (int t = 0; !ok(p) && t < 1000; ++t) p = draw_problem(cur, min_d, max_d, cfg.ops, cfg.no_negative);
       if (!ok(p)) continue;
       if (excluded && excluded->count(p.key())) continue;
       if (seen.insert(p.key()).second) out.push_back(p);

@@ -173,6 +173,16 @@ TEST(Facts, ConversionPromptsAreDisjointFromEvalAndFacts) {
     EXPECT_TRUE(p.a <= 99 && p.b <= 99) << p.key();
   }
   for (const auto& p : a.train) EXPECT_TRUE(p.op == '+' || p.op == '-') << p.key();
+  // --no-negative: differences are drawn with a >= b everywhere; the rest of the stream is the same.
+  ArithmeticConfig nn = cfg;
+  nn.no_negative = true;
+  const ArithmeticSets n = generate_arithmetic(nn);
+  bool any_negative = false;
+  for (const auto& p : a.train) any_negative |= p.result() < 0;
+  EXPECT_TRUE(any_negative);
+  for (const auto* set : {&n.train, &n.eval_heldout, &n.eval_seen, &n.conversion})
+    for (const auto& p : *set) ASSERT_GE(p.result(), 0) << p.key();
+  for (const auto& p : n.conversion) EXPECT_FALSE(arithmetic_held_out(p)) << p.key();
   const auto recs = arithmetic_conversion_records(a.conversion);
   ASSERT_EQ(recs.size(), 500u);
   EXPECT_EQ(recs[0].id, "conversion-0");

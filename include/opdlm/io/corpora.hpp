@@ -94,6 +94,7 @@ struct ArithmeticConfig {
   int length_digits = 4;      // the length-generalisation set: both operands this many digits
   std::string ops = "+-*";    // operators drawn uniformly (distinct chars of "+-*"); "+-" = no products
   uint64_t n_conversion = 1000;  // conversion prompts (OPD / RM-CE), distinct, never held out
+  bool no_negative = false;   // a-b with a < b is drawn as b-a: no negative results (easier)
 };
 
 // Throws an Error naming the command-line flag (--max-digits, --ops, ...) of the first bad field.
