@@ -51,8 +51,11 @@ convert() {  # mode out_dir extra-args...
   mv "$out/summary.json.tmp" "$out/summary.json"
 }
 [[ -f $RUN/opd/summary.json ]] || convert opd "$RUN/opd"
-OPD_TOKENS=$(python3 -c "import json; print(json.load(open('$RUN/opd/summary.json'))['train_tokens'])")
-[[ -f $RUN/rm-ce/summary.json ]] || convert rm-ce "$RUN/rm-ce" --optim.max_train_tokens="$OPD_TOKENS"
+# rm-ce: stopped by OPD's token count, with OPD's number of optimizer steps as its cosine horizon
+# (rl_steps only bounds the run), so both arms see the same LR schedule and the same tokens.
+read -r OPD_TOKENS OPD_STEPS < <(python3 -c "import json; s = json.load(open('$RUN/opd/summary.json')); print(s['train_tokens'], s['optimizer_steps'])")
+[[ -f $RUN/rm-ce/summary.json ]] || convert rm-ce "$RUN/rm-ce" --optim.max_train_tokens="$OPD_TOKENS" \
+  --optim.max_steps="$OPD_STEPS" --optim.rl_steps=100000
 
 # ---- evaluation -----------------------------------------------------------------------------------
 TASKS=("$DATA/facts/eval.jsonl" "$DATA/arith/eval_heldout.jsonl")
@@ -69,7 +72,7 @@ evaluate opd diffusion "$RUN/opd/model.h5"
 evaluate rm-ce diffusion "$RUN/rm-ce/model.h5"
 
 stamp "table"
-python3 tools/eval_table.py --reference teacher --json "$RUN/table.json" \
+python3 tools/eval_table.py --reference "teacher (AR)" --json "$RUN/table.json" \
   --row "teacher (AR)=$RUN/eval/teacher.json" \
   --row "S0 (no conversion)=$RUN/eval/s0.json" \
   --row "OPD=$RUN/eval/opd.json:$RUN/opd/summary.json" \

@@ -74,7 +74,8 @@ po::options_description OpdTrainOptions::schema() {
       ("loss.jsd_alpha", po::value<double>()->default_value(0.5), "jsd: alpha")
       ("loss.topk", po::value<int64_t>()->default_value(16), "topk_forward_kl: K")
       ("loss.state_selection", po::value<std::string>()->default_value("one_per_block"), "one_per_block | all_rounds (opd)")
-      ("loss.exclude_eos", po::value<bool>()->default_value(true), "no loss at the EOS position")
+      ("loss.exclude_eos", po::value<std::string>()->default_value("auto"),
+       "no loss at the EOS position: true | false | auto (true for the KL modes as the paper, false for rm-ce: SFT must learn to stop)")
       ("loss.ce_source", po::value<std::string>()->default_value("gold"), "rm-ce responses: gold | rollout | teacher")
       ("loss.ce_weighting", po::value<std::string>()->default_value("inverse_t"), "rm-ce weights: inverse_t | marginal")
       ("loss.ce_t_min", po::value<double>()->default_value(1e-3), "rm-ce: clamp of t in 1/t")
@@ -139,7 +140,13 @@ OpdTrainOptions OpdTrainOptions::from_config(const ResolvedConfig& c, Conversion
   d.topk = positive("loss.topk", c.get<int64_t>("loss.topk"), 1);
   require_range(c, "loss.reverse_weight", 0, 1);
   require_range(c, "loss.jsd_alpha", 1e-9, 1 - 1e-9);
-  o.loss.exclude_eos = c.get<bool>("loss.exclude_eos");
+  {
+    const std::string v = c.get<std::string>("loss.exclude_eos");
+    if (v == "auto") o.loss.exclude_eos = mode != ConversionMode::rm_ce;
+    else if (v == "true" || v == "1") o.loss.exclude_eos = true;
+    else if (v == "false" || v == "0") o.loss.exclude_eos = false;
+    else OPDLM_FAIL_AT(where("loss.exclude_eos"), "loss.exclude_eos", "'", v, "' is not true, false or auto");
+  }
   o.loss.ce_t_min = c.get<double>("loss.ce_t_min");
   require_range(c, "loss.ce_t_min", 1e-9, 1);
   const std::string sel = c.get<std::string>("loss.state_selection");

@@ -363,6 +363,10 @@ TEST(OpdConfig, ShippedConfigsLoadAndBadValuesNameTheKey) {
   EXPECT_EQ(o.schedule.total_steps, 7729);  // B 6.4: 16 * 483 + 1
   EXPECT_EQ(o.sampler.strategy, diffusion::Strategy::low_confidence_dynamic);
   EXPECT_EQ(o.sampler.tau, 0.9);
+  // exclude_eos = auto: the KL modes follow the paper, rm-ce (SFT) keeps the EOS target.
+  const ResolvedConfig qs = load_config(schema, repo_file("configs/opd/quickstart.ini"), {"--run.out_dir=/tmp/x"});
+  EXPECT_TRUE(train::OpdTrainOptions::from_config(qs, train::ConversionMode::opd).loss.exclude_eos);
+  EXPECT_FALSE(train::OpdTrainOptions::from_config(qs, train::ConversionMode::rm_ce).loss.exclude_eos);
 
   auto fails_with = [&](std::vector<std::string> overrides, const std::string& key) {
     overrides.push_back("--run.out_dir=/tmp/x");
@@ -381,5 +385,6 @@ TEST(OpdConfig, ShippedConfigsLoadAndBadValuesNameTheKey) {
   fails_with({"--model.teacher="}, "model.teacher");
   fails_with({"--run.save_at_tokens=500,200"}, "run.save_at_tokens");
   fails_with({"--run.save_at_tokens=5k"}, "run.save_at_tokens");
+  fails_with({"--loss.exclude_eos=maybe"}, "loss.exclude_eos");
   EXPECT_NE(test::error_of([] { train::parse_conversion_mode("sft"); }).find("sft"), std::string::npos);
 }
