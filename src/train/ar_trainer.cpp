@@ -14,6 +14,7 @@
 #include "opdlm/io/tokenizer.hpp"
 #include "opdlm/ops/cross_entropy.hpp"
 #include "opdlm/ops/grad_norm.hpp"
+#include "opdlm/train/train_common.hpp"
 
 namespace po = boost::program_options;
 
@@ -30,21 +31,13 @@ po::options_description ArTrainOptions::schema() {
       ("data.eval", po::value<std::string>()->default_value(""), "held-out token shard")
       ("data.seq_len", po::value<int64_t>()->default_value(128), "tokens per training row")
       ("data.batch_size", po::value<int64_t>()->default_value(16), "rows per optimizer step")
-      ("optim.lr", po::value<double>()->default_value(1e-3), "peak learning rate")
-      ("optim.min_lr_ratio", po::value<double>()->default_value(0.1), "cosine floor / peak")
-      ("optim.warmup_steps", po::value<int64_t>()->default_value(100), "linear warm-up steps")
-      ("optim.max_steps", po::value<int64_t>()->default_value(1000), "optimizer steps (cosine horizon)")
-      ("optim.weight_decay", po::value<double>()->default_value(0.0), "AdamW decoupled decay (matrices only)")
-      ("optim.beta1", po::value<double>()->default_value(0.9), "AdamW beta1")
-      ("optim.beta2", po::value<double>()->default_value(0.999), "AdamW beta2")
-      ("optim.eps", po::value<double>()->default_value(1e-8), "AdamW epsilon")
-      ("optim.grad_clip", po::value<double>()->default_value(1.0), "global-norm clip (0: off)")
       ("run.out_dir", po::value<std::string>()->default_value(""), "output directory")
       ("run.seed", po::value<uint32_t>()->default_value(1234), "seed (init and data order)")
       ("run.log_every", po::value<int64_t>()->default_value(10), "steps between metric lines")
       ("run.eval_every", po::value<int64_t>()->default_value(0), "steps between evaluations (0: end only)")
       ("run.eval_windows", po::value<int64_t>()->default_value(64), "eval windows per evaluation")
       ("run.save_every", po::value<int64_t>()->default_value(0), "steps between model saves (0: end only)");
+  add_optim_options(d, 1e-3, 100, 1000, 0.0, "optimizer steps (cosine horizon)");
   return d;
 }
 
@@ -59,15 +52,10 @@ ArTrainOptions ArTrainOptions::from_config(const ResolvedConfig& c) {
   o.eval_shard = c.get<std::string>("data.eval");
   o.seq_len = c.get<int64_t>("data.seq_len");
   o.batch_size = c.get<int64_t>("data.batch_size");
-  o.schedule.peak_lr = c.get<double>("optim.lr");
-  o.schedule.min_ratio = c.get<double>("optim.min_lr_ratio");
-  o.schedule.warmup_steps = c.get<int64_t>("optim.warmup_steps");
-  o.schedule.total_steps = c.get<int64_t>("optim.max_steps");
-  o.adam.weight_decay = c.get<double>("optim.weight_decay");
-  o.adam.beta1 = c.get<double>("optim.beta1");
-  o.adam.beta2 = c.get<double>("optim.beta2");
-  o.adam.eps = c.get<double>("optim.eps");
-  o.grad_clip = c.get<double>("optim.grad_clip");
+  const OptimOptions opt = read_optim_options(c);
+  o.schedule = opt.schedule;
+  o.adam = opt.adam;
+  o.grad_clip = opt.grad_clip;
   o.out_dir = c.get<std::string>("run.out_dir");
   o.seed = c.get<uint32_t>("run.seed");
   o.log_every = c.get<int64_t>("run.log_every");
@@ -85,9 +73,6 @@ ArTrainOptions ArTrainOptions::from_config(const ResolvedConfig& c) {
   if (o.log_every < 1) OPDLM_FAIL_AT(where("run.log_every"), "run.log_every", "must be >= 1");
   if (o.eval_every < 0 || o.save_every < 0 || o.eval_windows < 1)
     OPDLM_FAIL_AT(where("run.eval_every"), "run.eval_every", "eval_every/save_every must be >= 0, eval_windows >= 1");
-  if (!(o.grad_clip >= 0)) OPDLM_FAIL_AT(where("optim.grad_clip"), "optim.grad_clip", "must be >= 0");
-  require_range(c, "optim.beta1", 0, 0.999999);
-  require_range(c, "optim.beta2", 0, 0.999999);
   o.schedule.validate();
   return o;
 }
@@ -109,19 +94,6 @@ double batch_loss(const model::Qwen3Model& m, const LmBatch& b, model::Qwen3Acti
   return sum / n;
 }
 
-class MetricsLog {
- public:
-  explicit MetricsLog(const std::string& path) : out_(path, std::ios::app) {
-    if (!out_) OPDLM_FAIL_AT(path, "", "cannot open the metrics log for appending");
-  }
-  void write(const nlohmann::json& j) {
-    out_ << j.dump() << "\n";
-    out_.flush();
-  }
-
- private:
-  std::ofstream out_;
-};
 
 }  // namespace
 
@@ -261,13 +233,7 @@ ArTrainSummary run_ar_training(const ArTrainOptions& o, const std::string& resol
                  " (lower optim.lr or raise optim.warmup_steps)");
     ops::AdamWConfig adam = o.adam;
     adam.lr = o.schedule.at(step);
-    auto& params = student.weights().tensors();
-    auto& g = student.grads().tensors();
-    for (size_t i = 0; i < params.size(); ++i) {
-      ops::AdamWConfig a = adam;
-      if (params[i].value.ndim() < 2) a.weight_decay = 0;  // no decay on norm gains
-      ops::adamw_step(params[i].value, g[i].value, m1.tensors()[i].value, m2.tensors()[i].value, step + 1, a);
-    }
+    adamw_update(student, m1, m2, step + 1, adam);
     s.tokens += b.num_targets;
     s.steps = step + 1;
     s.final_train_loss = loss;

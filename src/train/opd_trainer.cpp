@@ -18,6 +18,7 @@
 #include "opdlm/io/tokenizer.hpp"
 #include "opdlm/model/ar_generate.hpp"
 #include "opdlm/ops/grad_norm.hpp"
+#include "opdlm/train/train_common.hpp"
 
 namespace po = boost::program_options;
 
@@ -81,15 +82,6 @@ po::options_description OpdTrainOptions::schema() {
       ("loss.ce_t_min", po::value<double>()->default_value(1e-3), "rm-ce: clamp of t in 1/t")
       ("optim.rl_steps", po::value<int64_t>()->default_value(100), "RL steps (one rollout batch each)")
       ("optim.max_train_tokens", po::value<int64_t>()->default_value(0), "stop at this many training tokens (0: off)")
-      ("optim.lr", po::value<double>()->default_value(1e-4), "peak learning rate")
-      ("optim.min_lr_ratio", po::value<double>()->default_value(0.1), "cosine floor / peak")
-      ("optim.warmup_steps", po::value<int64_t>()->default_value(5), "linear warm-up (optimizer steps)")
-      ("optim.max_steps", po::value<int64_t>()->default_value(0), "cosine horizon in optimizer steps (0: from rl_steps)")
-      ("optim.weight_decay", po::value<double>()->default_value(0.0), "AdamW decoupled decay (matrices only)")
-      ("optim.beta1", po::value<double>()->default_value(0.9), "AdamW beta1")
-      ("optim.beta2", po::value<double>()->default_value(0.999), "AdamW beta2")
-      ("optim.eps", po::value<double>()->default_value(1e-8), "AdamW epsilon")
-      ("optim.grad_clip", po::value<double>()->default_value(1.0), "global-norm clip (0: off)")
       ("eval.probe_prompts", po::value<std::string>()->default_value(""), "held-out prompts for the state-KL probe")
       ("eval.probe_every", po::value<int64_t>()->default_value(0), "RL steps between probes (0: start and end)")
       ("eval.probe_limit", po::value<int64_t>()->default_value(32), "probe prompts used")
@@ -98,6 +90,7 @@ po::options_description OpdTrainOptions::schema() {
       ("run.log_every", po::value<int64_t>()->default_value(1), "RL steps between log lines")
       ("run.save_every", po::value<int64_t>()->default_value(0), "RL steps between model saves (0: end only)")
       ("run.save_at_tokens", po::value<std::string>()->default_value(""), "comma-separated training-token milestones to save checkpoints/tokens_<M>.h5 at");
+  add_optim_options(d, 1e-4, 5, 0, 0.0, "cosine horizon in optimizer steps (0: rl_steps * ceil(prompts_per_step / rows_per_update))");
   return d;
 }
 
@@ -167,10 +160,11 @@ OpdTrainOptions OpdTrainOptions::from_config(const ResolvedConfig& c, Conversion
 
   o.rl_steps = positive("optim.rl_steps", c.get<int64_t>("optim.rl_steps"), 1);
   o.max_train_tokens = positive("optim.max_train_tokens", c.get<int64_t>("optim.max_train_tokens"), 0);
-  o.schedule.peak_lr = c.get<double>("optim.lr");
-  o.schedule.min_ratio = c.get<double>("optim.min_lr_ratio");
-  o.schedule.warmup_steps = c.get<int64_t>("optim.warmup_steps");
-  o.schedule.total_steps = positive("optim.max_steps", c.get<int64_t>("optim.max_steps"), 0);
+  const OptimOptions opt = read_optim_options(c);
+  o.schedule = opt.schedule;
+  o.adam = opt.adam;
+  o.grad_clip = opt.grad_clip;
+  positive("optim.max_steps", o.schedule.total_steps, 0);
   if (o.schedule.total_steps == 0) {  // the reference's estimate: every prompt yields a row (B 6.4)
     o.schedule.total_steps = o.rl_steps * ((o.prompts_per_step + o.rows_per_update - 1) / o.rows_per_update);
     if (o.schedule.total_steps <= o.schedule.warmup_steps)
@@ -178,14 +172,6 @@ OpdTrainOptions OpdTrainOptions::from_config(const ResolvedConfig& c, Conversion
                     "rows_per_update) = ", o.schedule.total_steps, " optimizer steps does not exceed the warm-up (",
                     o.schedule.warmup_steps, "): lower optim.warmup_steps or set optim.max_steps");
   }
-  o.adam.weight_decay = c.get<double>("optim.weight_decay");
-  o.adam.beta1 = c.get<double>("optim.beta1");
-  o.adam.beta2 = c.get<double>("optim.beta2");
-  o.adam.eps = c.get<double>("optim.eps");
-  o.grad_clip = c.get<double>("optim.grad_clip");
-  require_range(c, "optim.beta1", 0, 0.999999);
-  require_range(c, "optim.beta2", 0, 0.999999);
-  if (!(o.grad_clip >= 0)) OPDLM_FAIL_AT(where("optim.grad_clip"), "optim.grad_clip", "must be >= 0");
   o.schedule.validate();
   o.probe_prompts = c.get<std::string>("eval.probe_prompts");
   o.probe_every = positive("eval.probe_every", c.get<int64_t>("eval.probe_every"), 0);
@@ -229,19 +215,6 @@ OpdTrainOptions OpdTrainOptions::from_config(const ResolvedConfig& c, Conversion
 
 namespace {
 
-class MetricsLog {
- public:
-  explicit MetricsLog(const std::string& path) : out_(path, std::ios::app) {
-    if (!out_) OPDLM_FAIL_AT(path, "", "cannot open the metrics log for appending");
-  }
-  void write(const nlohmann::json& j) {
-    out_ << j.dump() << "\n";
-    out_.flush();
-  }
-
- private:
-  std::ofstream out_;
-};
 
 struct EncodedPrompt {
   std::string id;
@@ -566,14 +539,7 @@ OpdTrainSummary run_opd_training(const OpdTrainOptions& o, const std::string& re
                    " (lower optim.lr or raise optim.warmup_steps)");
       ops::AdamWConfig adam = o.adam;
       adam.lr = o.schedule.at(sum.optimizer_steps);
-      auto& params = student.weights().tensors();
-      auto& g = student.grads().tensors();
-      for (size_t i = 0; i < params.size(); ++i) {
-        ops::AdamWConfig a = adam;
-        if (params[i].value.ndim() < 2) a.weight_decay = 0;  // no decay on norm gains
-        ops::adamw_step(params[i].value, g[i].value, m1.tensors()[i].value, m2.tensors()[i].value,
-                        sum.optimizer_steps + 1, a);
-      }
+      adamw_update(student, m1, m2, sum.optimizer_steps + 1, adam);
       ++sum.optimizer_steps;
       ++step_updates;
       step_loss += update_loss;

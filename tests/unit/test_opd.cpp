@@ -33,7 +33,7 @@ TEST(StateSelection, OneStatePerBlockIsUniformOverThatBlocksRounds) {
   // block 3 (partial, 2 slots): two steps.
   const std::vector<int32_t> sm = {1, 3, 2, 4, 5, 6, 5, 6, 7, 7, 7, 7, 8, 9};
   const int64_t b = 4;
-  std::map<std::vector<uint8_t>, int> seen[4];
+  std::map<std::string, int> seen[4];  // key: the block's mask as bytes
   const int n = 4000;
   for (int i = 0; i < n; ++i) {
     const auto m = train::select_state_per_block(sm, b, {7, RngPurpose::state_select, 3, uint32_t(i), 0});
@@ -50,7 +50,7 @@ TEST(StateSelection, OneStatePerBlockIsUniformOverThatBlocksRounds) {
       }
       EXPECT_TRUE(is_round);
       EXPECT_GT(std::count(blk.begin(), blk.end(), uint8_t(1)), 0);
-      ++seen[k][blk];
+      ++seen[k][std::string(blk.begin(), blk.end())];
     }
   }
   const size_t rounds[4] = {4, 2, 1, 2};
