@@ -22,7 +22,7 @@
 # Report:   tools/study_report.py RUN -> RUN/report.md + RUN/report.json (pass/fail of study.md 5.8)
 # Model:    quickstart teacher size (configs/teacher/quickstart.model.json); smoke teachers work too
 # Time:     CALIBRATING. Order of magnitude on 2 cores: the 36 conversions dominate (each run costs
-#           about 4x quickstart's 40k-token OPD/rm-ce run), plus ~250 milestone evals at EVAL_LIMIT
+#           about 3x quickstart's 60k-token OPD/rm-ce run), plus ~250 milestone evals at EVAL_LIMIT
 #           200: several hours (not measured yet). The reduced run below (smoke teacher) took 141 s.
 # Output:   RUN/study.json (settings + per-arm horizon), RUN/calib/ARM/ (calibration runs),
 #           RUN/train/ARM/lr_LR/seed_S/{metrics.jsonl,summary.json,train.log,model.h5,checkpoints/tokens_M.h5},
