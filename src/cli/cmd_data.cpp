@@ -233,7 +233,7 @@ int data_arithmetic(const std::vector<std::string>& args) {
       ("ops", po::value(&cfg.ops)->default_value(cfg.ops), "operators to draw from, e.g. \"+-\" (no products)")
       ("no-negative", po::bool_switch(&cfg.no_negative), "draw a-b with a < b as b-a (no negative results)")
       ("n-conversion", po::value(&n_conversion)->default_value(n_conversion),
-       "conversion prompts with gold responses (never held out, never in eval_seen)");
+       "conversion prompts with gold responses (never held out, never in eval_seen; 0: none, an empty conversion.jsonl)");
   po::variables_map vm;
   if (opdlm::cli::parse_or_print_help(args, desc, vm)) return kExitOk;
   namespace io = opdlm::io;

@@ -93,7 +93,7 @@ struct ArithmeticConfig {
   int max_digits = 3;         // training and held-out operands have 1..max_digits digits
   int length_digits = 4;      // the length-generalisation set: both operands this many digits
   std::string ops = "+-*";    // operators drawn uniformly (distinct chars of "+-*"); "+-" = no products
-  uint64_t n_conversion = 1000;  // conversion prompts (OPD / RM-CE), distinct, never held out
+  uint64_t n_conversion = 0;  // conversion prompts (OPD / RM-CE), distinct, never held out; 0: none
   bool no_negative = false;   // a-b with a < b is drawn as b-a: no negative results (easier)
 };
 
