@@ -39,9 +39,20 @@ ResolvedConfig load_config(const po::options_description& desc, const std::strin
                            const std::vector<std::string>& overrides) {
   ResolvedConfig cfg;
   cfg.file = ini_path;
+  // "--section.key=" means the empty value (Boost rejects an empty "=value"; a separate "" works),
+  // so a string key set in the file can be cleared from the command line.
+  std::vector<std::string> args;
+  for (const auto& a : overrides) {
+    if (a.size() > 3 && a.rfind("--", 0) == 0 && a.back() == '=' && a.find('=') == a.size() - 1) {
+      args.push_back(a.substr(0, a.size() - 1));
+      args.emplace_back();
+    } else {
+      args.push_back(a);
+    }
+  }
   // The command line is stored first: Boost keeps the first value stored for a key.
   try {
-    po::store(po::command_line_parser(overrides).options(desc).style(po::command_line_style::default_style &
+    po::store(po::command_line_parser(args).options(desc).style(po::command_line_style::default_style &
                                                                      ~po::command_line_style::allow_guessing)
                   .run(),
               cfg.values);

@@ -42,6 +42,15 @@ TEST(Config, FileThenCommandLineOverrides) {
   EXPECT_NE(table.find("(command line)"), std::string::npos);
 }
 
+TEST(Config, EmptyCommandLineValueClearsAStringKey) {
+  const auto ini = write_ini("clear.ini", "[run]\nout_dir = runs/x\n");
+  ResolvedConfig c = load_config(schema(), ini, {"--run.out_dir="});
+  EXPECT_EQ(c.get<std::string>("run.out_dir"), "");
+  EXPECT_EQ(c.origin.at("run.out_dir"), "command line");
+  // A number still needs a value: the error names the key.
+  EXPECT_ERROR_HAS(load_config(schema(), ini, {"--optim.max_steps="}), "optim.max_steps");
+}
+
 TEST(Config, ErrorsNameFileAndKey) {
   const auto unknown = write_ini("unknown.ini", "[optim]\nlearning_rate = 0.01\n");
   EXPECT_ERROR_HAS(load_config(schema(), unknown, {}), unknown.c_str(), "optim.learning_rate");
