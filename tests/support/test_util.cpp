@@ -1,6 +1,10 @@
 // Implementation of the shared test helpers (random tensors, finite differences, golden reader).
 #include "test_util.hpp"
 
+#include <nlohmann/json.hpp>
+
+#include "opdlm/io/tokenizer.hpp"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
@@ -168,6 +172,49 @@ const Tensor& golden_get(const Golden& g, const std::string& name) {
   auto it = g.find(name);
   if (it == g.end()) OPDLM_FAIL("golden entry '", name, "' not found");
   return it->second;
+}
+
+model::Qwen3Config tiny_qwen3_config(int64_t vocab, int64_t hidden, int64_t intermediate, int64_t heads,
+                                     int64_t kv_heads, int64_t head_dim, int64_t layers) {
+  model::Qwen3Config c;
+  c.vocab_size = vocab;
+  c.hidden_size = hidden;
+  c.intermediate_size = intermediate;
+  c.num_hidden_layers = layers;
+  c.num_attention_heads = heads;
+  c.num_key_value_heads = kv_heads;
+  c.head_dim = head_dim;
+  return c;
+}
+
+std::string tiny_bpe_tokenizer_json(const std::vector<std::pair<int, std::string>>& special_tokens) {
+  nlohmann::ordered_json vocab;
+  for (int b = 0; b < 256; ++b) vocab[io::byte_level_char(static_cast<uint8_t>(b))] = b;
+  const std::string sp = io::byte_level_char(' ');
+  vocab["th"] = 256;
+  vocab[sp + "w"] = 257;
+  nlohmann::json added = nlohmann::json::array();
+  for (const auto& [id, content] : special_tokens)
+    added.push_back({{"id", id}, {"content", content}, {"single_word", false}, {"lstrip", false},
+                     {"rstrip", false}, {"normalized", false}, {"special", true}});
+  const nlohmann::json byte_level = {{"type", "ByteLevel"}, {"add_prefix_space", false}, {"trim_offsets", true},
+                                     {"use_regex", true}};
+  nlohmann::json decoder = byte_level;
+  decoder["add_prefix_space"] = true;
+  const nlohmann::json j = {
+      {"version", "1.0"},
+      {"truncation", nullptr},
+      {"padding", nullptr},
+      {"added_tokens", added},
+      {"normalizer", nullptr},
+      {"pre_tokenizer", byte_level},
+      {"post_processor", nullptr},
+      {"decoder", decoder},
+      {"model",
+       {{"type", "BPE"}, {"dropout", nullptr}, {"unk_token", nullptr}, {"continuing_subword_prefix", ""},
+        {"end_of_word_suffix", ""}, {"fuse_unk", false}, {"byte_fallback", false}, {"ignore_merges", false},
+        {"vocab", nlohmann::json::parse(vocab.dump())}, {"merges", {"t h", sp + " w"}}}}};
+  return j.dump();
 }
 
 }  // namespace opdlm::test

@@ -10,6 +10,7 @@
 #include <string>
 
 #include "opdlm/base/rng.hpp"
+#include "opdlm/model/qwen3_config.hpp"
 #include "opdlm/ops/mask.hpp"
 #include "opdlm/tensor/tensor.hpp"
 
@@ -43,6 +44,15 @@ class TempDir {
  private:
   std::filesystem::path path_;
 };
+
+// A small Qwen3 config for model-level tests (2 layers unless given); ids such as eos/mask are left
+// for the caller to set.
+model::Qwen3Config tiny_qwen3_config(int64_t vocab, int64_t hidden, int64_t intermediate, int64_t heads,
+                                     int64_t kv_heads, int64_t head_dim, int64_t layers = 2);
+
+// tokenizer.json text of a real byte-level BPE: the 256 byte symbols (ids = bytes), the merges
+// "t h" -> 256 and " w" -> 257, and the given special tokens {id, content}.
+std::string tiny_bpe_tokenizer_json(const std::vector<std::pair<int, std::string>>& special_tokens);
 
 // Runs f and returns the opdlm::Error text ("" when nothing was thrown).
 std::string error_of(const std::function<void()>& f);

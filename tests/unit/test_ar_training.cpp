@@ -22,14 +22,7 @@ using namespace opdlm;
 namespace {
 
 model::Qwen3Config tiny_config(int64_t vocab = 32) {
-  model::Qwen3Config c;
-  c.vocab_size = vocab;
-  c.hidden_size = 32;
-  c.intermediate_size = 64;
-  c.num_hidden_layers = 2;
-  c.num_attention_heads = 4;
-  c.num_key_value_heads = 2;
-  c.head_dim = 8;
+  model::Qwen3Config c = test::tiny_qwen3_config(vocab, 32, 64, 4, 2, 8);
   c.eos_token_id = vocab - 1;
   return c;
 }

@@ -71,28 +71,7 @@ void patch(const std::string& path, size_t at, T value, bool fix_payload_crc, bo
 
 // A real (tiny) byte-level BPE: the 256 byte symbols, two merges and <|endoftext|>.
 Tokenizer tiny_tokenizer() {
-  nlohmann::ordered_json vocab;
-  for (int b = 0; b < 256; ++b) vocab[byte_level_char(static_cast<uint8_t>(b))] = b;
-  const std::string sp = byte_level_char(' ');
-  vocab["th"] = 256;
-  vocab[sp + "w"] = 257;
-  nlohmann::json j = {
-      {"version", "1.0"},
-      {"truncation", nullptr},
-      {"padding", nullptr},
-      {"added_tokens",
-       {{{"id", 258}, {"content", "<|endoftext|>"}, {"single_word", false}, {"lstrip", false}, {"rstrip", false},
-         {"normalized", false}, {"special", true}}}},
-      {"normalizer", nullptr},
-      {"pre_tokenizer", {{"type", "ByteLevel"}, {"add_prefix_space", false}, {"trim_offsets", true}, {"use_regex", true}}},
-      {"post_processor", nullptr},
-      {"decoder", {{"type", "ByteLevel"}, {"add_prefix_space", true}, {"trim_offsets", true}, {"use_regex", true}}},
-      {"model",
-       {{"type", "BPE"}, {"dropout", nullptr}, {"unk_token", nullptr}, {"continuing_subword_prefix", ""},
-        {"end_of_word_suffix", ""}, {"fuse_unk", false}, {"byte_fallback", false}, {"ignore_merges", false},
-        {"vocab", nlohmann::json::parse(vocab.dump())},
-        {"merges", {"t h", sp + " w"}}}}};
-  return Tokenizer::from_json_string(j.dump(), "tiny tokenizer.json");
+  return Tokenizer::from_json_string(opdlm::test::tiny_bpe_tokenizer_json({{258, "<|endoftext|>"}}), "tiny tokenizer.json");
 }
 
 bool have_bible() { return program_available("bible"); }

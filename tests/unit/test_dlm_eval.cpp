@@ -26,29 +26,7 @@ constexpr int64_t kContext = 48;
 // A real byte-level BPE: 256 byte symbols, two merges, <|endoftext|>, <|MASK|>, and <|extra|> = 300,
 // an id outside the models' vocabulary (a bad_token_id prompt).
 std::string tokenizer_json() {
-  nlohmann::ordered_json vocab;
-  for (int b = 0; b < 256; ++b) vocab[io::byte_level_char(static_cast<uint8_t>(b))] = b;
-  const std::string sp = io::byte_level_char(' ');
-  vocab["th"] = 256;
-  vocab[sp + "w"] = 257;
-  auto added = [](int id, const char* content) {
-    return nlohmann::json{{"id", id}, {"content", content}, {"single_word", false}, {"lstrip", false},
-                          {"rstrip", false}, {"normalized", false}, {"special", true}};
-  };
-  nlohmann::json j = {
-      {"version", "1.0"},
-      {"truncation", nullptr},
-      {"padding", nullptr},
-      {"added_tokens", {added(kEos, "<|endoftext|>"), added(kMask, "<|MASK|>"), added(300, "<|extra|>")}},
-      {"normalizer", nullptr},
-      {"pre_tokenizer", {{"type", "ByteLevel"}, {"add_prefix_space", false}, {"trim_offsets", true}, {"use_regex", true}}},
-      {"post_processor", nullptr},
-      {"decoder", {{"type", "ByteLevel"}, {"add_prefix_space", true}, {"trim_offsets", true}, {"use_regex", true}}},
-      {"model",
-       {{"type", "BPE"}, {"dropout", nullptr}, {"unk_token", nullptr}, {"continuing_subword_prefix", ""},
-        {"end_of_word_suffix", ""}, {"fuse_unk", false}, {"byte_fallback", false}, {"ignore_merges", false},
-        {"vocab", nlohmann::json::parse(vocab.dump())}, {"merges", {"t h", sp + " w"}}}}};
-  return j.dump();
+  return test::tiny_bpe_tokenizer_json({{kEos, "<|endoftext|>"}, {kMask, "<|MASK|>"}, {300, "<|extra|>"}});
 }
 
 const io::Tokenizer& tok() {
@@ -57,14 +35,7 @@ const io::Tokenizer& tok() {
 }
 
 model::Qwen3Weights tiny_weights(uint32_t seed) {
-  model::Qwen3Config c;
-  c.vocab_size = kVocab;
-  c.hidden_size = 16;
-  c.intermediate_size = 32;
-  c.num_hidden_layers = 2;
-  c.num_attention_heads = 2;
-  c.num_key_value_heads = 1;
-  c.head_dim = 8;
+  model::Qwen3Config c = test::tiny_qwen3_config(kVocab, 16, 32, 2, 1, 8);
   c.max_position_embeddings = kContext;
   c.eos_token_id = kEos;
   c.mask_token_id = kMask;

@@ -199,14 +199,7 @@ TinySetup make_setup(const std::string& name) {
   const io::Tokenizer tok = bt.train();
   s.tokenizer = s.dir + "/tokenizer.json";
   tok.save(s.tokenizer);
-  model::Qwen3Config c;
-  c.vocab_size = 260;
-  c.hidden_size = 32;
-  c.intermediate_size = 64;
-  c.num_hidden_layers = 2;
-  c.num_attention_heads = 4;
-  c.num_key_value_heads = 2;
-  c.head_dim = 8;
+  model::Qwen3Config c = test::tiny_qwen3_config(260, 32, 64, 4, 2, 8);
   c.eos_token_id = tok.token_id("<|endoftext|>").value();
   c.pad_token_id = c.eos_token_id;
   c.mask_token_id = tok.token_id("<|MASK|>").value();

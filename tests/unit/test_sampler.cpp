@@ -21,14 +21,7 @@ constexpr int64_t kVocab = 24;
 constexpr int32_t kMask = kVocab - 1;
 
 model::Qwen3Model tiny_model(DType dt, uint32_t seed = 11) {
-  model::Qwen3Config c;
-  c.vocab_size = kVocab;
-  c.hidden_size = 16;
-  c.intermediate_size = 32;
-  c.num_hidden_layers = 2;
-  c.num_attention_heads = 2;
-  c.num_key_value_heads = 1;
-  c.head_dim = 8;
+  model::Qwen3Config c = test::tiny_qwen3_config(kVocab, 16, 32, 2, 1, 8);
   c.mask_token_id = kMask;
   model::Qwen3Weights w(c, dt);
   w.init_random(seed, 0.3);  // peaked enough that confidences and entropies differ between slots
