@@ -335,6 +335,33 @@ TEST(OpdTraining, TokenBudgetStopsTheRun) {
   fs::remove_all(s.dir);
 }
 
+TEST(OpdTraining, ModelsWithoutMaskIdOrWithOtherVocabulariesAreRejectedByName) {
+  const TinySetup s = make_setup("badmodel");
+  // No mask_token_id in the teacher's config: the error names the file and the field.
+  model::Qwen3Weights w = io::load_model(s.teacher);
+  model::Qwen3Config c = w.config();
+  c.mask_token_id = -1;
+  model::Qwen3Weights nomask(c);
+  for (size_t i = 0; i < nomask.tensors().size(); ++i) nomask.tensors()[i].value = w.tensors()[i].value;
+  const std::string nomask_path = s.dir + "/nomask.h5";
+  io::save_model(nomask_path, nomask);
+  auto o = tiny_options(s, train::ConversionMode::opd, "nomask");
+  o.teacher = nomask_path;
+  EXPECT_ERROR_HAS(train::run_opd_training(o, "test"), "nomask.h5", "mask_token_id");
+  // A student whose vocabulary differs from the teacher's.
+  model::Qwen3Config small = w.config();
+  small.vocab_size = 259;
+  small.mask_token_id = 258;
+  model::Qwen3Weights other(small);
+  other.init_random(1, 0.02);
+  const std::string other_path = s.dir + "/other.h5";
+  io::save_model(other_path, other);
+  o = tiny_options(s, train::ConversionMode::opd, "othervocab");
+  o.student_init = other_path;
+  EXPECT_ERROR_HAS(train::run_opd_training(o, "test"), "other.h5", "vocab_size");
+  fs::remove_all(s.dir);
+}
+
 // ---- configs -------------------------------------------------------------------------------------
 
 namespace {
