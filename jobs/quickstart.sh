@@ -46,7 +46,7 @@ convert() {  # mode out_dir extra-args...
   stamp "$mode: opdlm train --mode $mode (configs/opd/quickstart.ini) $*"
   mkdir -p "$out"
   "$OPDLM" train --mode "$mode" --config configs/opd/quickstart.ini --model.teacher="$TEACHER" \
-    --model.tokenizer="$DATA/tokenizer.json" --data.prompts="$DATA/arith/conversion.jsonl" \
+    --model.tokenizer="$DATA/tokenizer.json" --data.prompts="$DATA/arith/conversion.jsonl,$DATA/facts/conversion.jsonl" \
     --eval.probe_prompts="$DATA/arith/eval_heldout.jsonl" --run.seed="$SEED" --run.out_dir="$out" "$@" \
     > "$out/summary.json.tmp" 2> "$RUN/$mode.log" || { echo "$mode failed: see $RUN/$mode.log" >&2; exit 1; }
   mv "$out/summary.json.tmp" "$out/summary.json"

@@ -89,7 +89,7 @@ done
 [[ -n ${SEEDS// } && -n ${LRS// } ]] || die "SEEDS and LRS must not be empty"
 ARITH=$DATA/arith/eval_heldout.jsonl
 FACTS=$DATA/facts/eval.jsonl
-PROMPTS=$DATA/arith/conversion.jsonl
+PROMPTS=$DATA/arith/conversion.jsonl,$DATA/facts/conversion.jsonl  # facts of other entities than FACTS
 MAX_NEW=16  # answers are one short line (jobs/quickstart.sh)
 
 arm_args() {  # arm -> the trainer's mode and objective flags
@@ -123,7 +123,7 @@ if [[ ! -f $DATA/train.bin ]]; then
   [[ $DATA == data/quickstart ]] || die "DATA=$DATA has no train.bin (only data/quickstart is built here)"
   ensure_quickstart_data "$OPDLM" "$DATA" "$RUN/data.log"
 fi
-for f in "$ARITH" "$FACTS" "$PROMPTS" "$DATA/tokenizer.json"; do [[ -f $f ]] || die "missing data file $f"; done
+for f in "$ARITH" "$FACTS" ${PROMPTS//,/ } "$DATA/tokenizer.json"; do [[ -f $f ]] || die "missing data file $f"; done
 if [[ ! -f $TEACHER ]]; then
   [[ $TEACHER == */model.h5 ]] || die "TEACHER=$TEACHER is missing (a missing teacher is built only at .../model.h5)"
   ensure_quickstart_teacher "$OPDLM" "$DATA" "$(dirname "$TEACHER")" "$(dirname "$TEACHER")/../teacher.log"

@@ -5,8 +5,11 @@
 #
 # Makes, under OUT (default data/quickstart):
 #   facts/       train.txt (N_FACTS entities, 1-2 attributes each -> ~1.46 x N_FACTS facts, each
-#                REPEATS times), eval.jsonl (every fact once: "The capital of X is" -> " Y.", 3
-#                distractors of the same attribute), manifest.json
+#                REPEATS times: the teacher learns every fact), conversion.jsonl (the facts of
+#                N_FACTS_CONV entities as conversion prompts + gold responses: they show the students
+#                the answer format), eval.jsonl (every fact of the other entities once: "The capital
+#                of X is" -> " Y.", 3 distractors of the same attribute; never in the conversion
+#                data, so the knowledge probe of C2), manifest.json
 #   arith/       train.txt (N_ARITH "a+b=c" / "a-b=c" lines, operands 0-99, no negative results, 10%
 #                of pairs held out),
 #                eval_heldout.jsonl, eval_seen.jsonl, eval_length.jsonl (3-digit operands; N_EVAL
@@ -19,12 +22,13 @@
 #                       shuffled with SEED, then packed into SEQ_LEN-token rows padded with
 #                       <|endoftext|> so every trainer window starts with a whole line (docs/data_formats.md)
 #   SHA256SUMS
-# Sizes with defaults: 13,140 fact lines (438 facts) + 60k arithmetic lines, 0.97 MB of text,
+# Conversion prompts for training: arith/conversion.jsonl,facts/conversion.jsonl (data.prompts list).
+# Sizes with defaults: 13,140 fact lines (438 facts: 213 eval, 225 conversion) + 60k arithmetic lines, 0.97 MB of text,
 # 0.64M tokens (0.69M after packing into 64-token rows, 6.6% padding).
 # Time on 2 cores: ~1 s.
 #
 # Usage: jobs/data/make_quickstart_corpus.sh [OUT]
-#   env: OPDLM (binary, default build/opdlm), VOCAB (512), N_FACTS (300), REPEATS (30),
+#   env: OPDLM (binary, default build/opdlm), VOCAB (512), N_FACTS (300), N_FACTS_CONV (150), REPEATS (30),
 #        TEMPLATES (1), N_ARITH (60000), N_EVAL (500), N_CONV (2000), SEED (0),
 #        SEQ_LEN (64: rows of the packed shard; must equal the trainer's data.seq_len)
 set -euo pipefail
@@ -33,6 +37,7 @@ OUT=${1:-data/quickstart}
 OPDLM=${OPDLM:-build/opdlm}
 VOCAB=${VOCAB:-512}
 N_FACTS=${N_FACTS:-300}
+N_FACTS_CONV=${N_FACTS_CONV:-150}
 REPEATS=${REPEATS:-30}
 TEMPLATES=${TEMPLATES:-1}
 N_ARITH=${N_ARITH:-60000}
@@ -46,7 +51,7 @@ mkdir -p "$OUT"
 start=$(date +%s)
 
 "$OPDLM" data facts --out-dir "$OUT/facts" --n-facts "$N_FACTS" --repeats "$REPEATS" \
-  --templates "$TEMPLATES" --seed "$SEED"
+  --templates "$TEMPLATES" --seed "$SEED" --conversion-entities "$N_FACTS_CONV"
 # Easy arithmetic for a tiny teacher: + and - only, operands 0-99, no negative results (they were
 # the hardest part: 0 EM after 600 steps); the length set uses 3 digits.
 "$OPDLM" data arithmetic --out-dir "$OUT/arith" --n-train "$N_ARITH" --n-eval "$N_EVAL" --seed "$SEED" \

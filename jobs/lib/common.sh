@@ -23,7 +23,12 @@ ensure_opdlm() {
 
 ensure_quickstart_data() {
   local opdlm=$1 data=$2 log=$3
-  [[ -f $data/train.bin ]] && return 0
+  if [[ -f $data/train.bin ]]; then
+    [[ -f $data/facts/conversion.jsonl ]] && return 0
+    echo "$data was built by an older make_quickstart_corpus.sh (no facts/conversion.jsonl): move it away" \
+      "or set DATA to a new folder" >&2
+    return 1
+  fi
   stamp "data -> $data"
   mkdir -p "$(dirname "$log")"
   OPDLM=$opdlm jobs/data/make_quickstart_corpus.sh "$data" > "$log" \

@@ -291,7 +291,8 @@ int data_facts(const std::vector<std::string>& args) {
   po::options_description desc(
       "opdlm data facts: invented-entity facts, the knowledge-retention probe (../shared/docs/study.md 5.3)\n"
       "  writes train.txt (every fact --repeats times), eval.jsonl (one completion + multiple-choice item per\n"
-      "  fact), manifest.json");
+      "  fact), conversion.jsonl (the facts of --conversion-entities entities, left out of eval.jsonl),\n"
+      "  manifest.json");
   std::string out_dir;
   opdlm::io::FactsConfig cfg;
   int64_t seed = 0;  // signed, so a negative seed is an error naming --seed rather than a wrap-around
@@ -303,6 +304,9 @@ int data_facts(const std::vector<std::string>& args) {
        "surface forms per attribute used in training, 1..3 (eval uses form 0)")
       ("distractors", po::value(&cfg.n_distractors)->default_value(cfg.n_distractors),
        "multiple-choice distractors per item (other values of the same attribute)")
+      ("conversion-entities", po::value(&cfg.conversion_entities)->default_value(cfg.conversion_entities),
+       "entities whose facts go to conversion.jsonl (prompt + gold response) instead of eval.jsonl; the "
+       "teacher still learns them (0: none, an empty conversion.jsonl)")
       ("seed", po::value(&seed)->default_value(0), "generator seed, [0, 2^32)");
   po::variables_map vm;
   if (opdlm::cli::parse_or_print_help(args, desc, vm)) return kExitOk;
@@ -321,10 +325,18 @@ int data_facts(const std::vector<std::string>& args) {
                                  {"repeats", cfg.repeats},
                                  {"templates", cfg.templates},
                                  {"train_txt_sha256", io::sha256_file_hex((d / "train.txt").string())}};
-  io::PromptDataset ds{dataset_header("facts_recall", source), io::facts_records(set)};
-  ds.header["rule"] = "every fact once, surface form 0: prompt = sentence up to the value, gold = \" value.\"";
+  const auto conversion_entity = io::facts_conversion_entities(set, cfg);
+  io::PromptDataset ds{dataset_header("facts_recall", source), io::facts_records(set, conversion_entity)};
+  ds.header["rule"] = "every fact once, surface form 0: prompt = sentence up to the value, gold = \" value.\"; "
+                      "no fact of a conversion entity";
   ds.header["distractors"] = cfg.n_distractors;
+  ds.header["conversion_entities"] = cfg.conversion_entities;
   io::write_prompt_jsonl((d / "eval.jsonl").string(), ds);
+  io::PromptDataset conv{dataset_header("facts_conversion", source), io::facts_conversion_records(set, conversion_entity)};
+  conv.header["rule"] = "the facts of conversion_entities entities (a seeded shuffle, data_generate step 9), "
+                        "eval form; response = gold; never in eval.jsonl";
+  conv.header["conversion_entities"] = cfg.conversion_entities;
+  io::write_prompt_jsonl((d / "conversion.jsonl").string(), conv);
   nlohmann::json per_attr = nlohmann::json::object(), pools = nlohmann::json::object();
   for (const auto& f : set.facts) {
     const std::string a = io::fact_attribute_name(f.attribute);
@@ -337,10 +349,13 @@ int data_facts(const std::vector<std::string>& args) {
                                               {"facts_per_attribute", per_attr},
                                               {"value_pool_sizes", pools},
                                               {"train_lines", set.train_lines.size()},
-                                              {"eval_items", ds.records.size()}});
+                                              {"eval_items", ds.records.size()},
+                                              {"conversion_entities", cfg.conversion_entities},
+                                              {"conversion_items", conv.records.size()}});
   std::cout << "facts: " << set.entities.size() << " entities, " << set.facts.size() << " facts, "
             << set.train_lines.size() << " train lines (" << cfg.repeats << " repeats, " << cfg.templates
-            << " surface forms), " << ds.records.size() << " eval items; train.txt sha256 "
+            << " surface forms), " << ds.records.size() << " eval items, " << conv.records.size()
+            << " conversion items; train.txt sha256 "
             << source["train_txt_sha256"].get<std::string>() << "\n";
   return kExitOk;
 }

@@ -31,6 +31,7 @@ constexpr uint32_t kStepArithConversion = 5u;
 constexpr uint32_t kStepFactsNames = 6u;    // entity names, sample = entity index
 constexpr uint32_t kStepFactsValues = 7u;   // invented value names, sample = pool slot, position = attribute
 constexpr uint32_t kStepFactsAssign = 8u;   // attributes, values and distractors, sample = entity index
+constexpr uint32_t kStepFactsConversion = 9u;  // which entities are conversion entities (one shuffle)
 
 // Command-line flags are named in config errors: the CLI fills these configs straight from them.
 constexpr const char* kCmdLine = "command line";
@@ -465,6 +466,9 @@ void validate_facts_config(const FactsConfig& cfg) {
   if (cfg.n_distractors < 0 || cfg.n_distractors >= static_cast<int>(std::size(kColours)))
     OPDLM_FAIL_AT(kCmdLine, "--distractors", "--distractors must be in [0, ", std::size(kColours) - 1, "], got ",
                   cfg.n_distractors);
+  if (cfg.conversion_entities < 0 || cfg.conversion_entities >= cfg.n_facts)
+    OPDLM_FAIL_AT(kCmdLine, "--conversion-entities", "--conversion-entities must be in [0, --n-facts) so that some ",
+                  "entity is left for the eval, got ", cfg.conversion_entities, " with --n-facts ", cfg.n_facts);
   if (static_cast<uint64_t>(cfg.n_facts) * static_cast<uint64_t>(2 * cfg.repeats) > (uint64_t{1} << 31))
     OPDLM_FAIL_AT(kCmdLine, "--repeats", "--n-facts x --repeats is too large (", cfg.n_facts, " x ", cfg.repeats, ")");
 }
@@ -537,18 +541,66 @@ FactsSet generate_facts(const FactsConfig& cfg) {
   return s;
 }
 
-std::vector<PromptRecord> facts_records(const FactsSet& s) {
+namespace {
+// Per fact: whether its entity is a conversion entity (an empty mask means none is).
+std::vector<bool> fact_in_conversion(const FactsSet& s, const std::vector<bool>& conversion_entity) {
+  std::vector<bool> out(s.facts.size(), false);
+  if (conversion_entity.empty()) return out;
+  if (conversion_entity.size() != s.entities.size())
+    OPDLM_FAIL("conversion entity mask has ", conversion_entity.size(), " entries for ", s.entities.size(), " entities");
+  std::unordered_map<std::string, size_t> index;
+  for (size_t e = 0; e < s.entities.size(); ++e) index.emplace(s.entities[e], e);
+  for (size_t i = 0; i < s.facts.size(); ++i) out[i] = conversion_entity[index.at(s.facts[i].entity)];
+  return out;
+}
+
+PromptRecord fact_record(const FactsSet& s, size_t i) {
+  const Fact& f = s.facts[i];
+  PromptRecord r;
+  r.id = "fact-" + std::to_string(i);
+  r.prompt = f.prompt();
+  r.gold = f.gold();
+  r.meta = {{"entity", f.entity}, {"attribute", fact_attribute_name(f.attribute)}, {"value", f.value}};
+  return r;
+}
+}  // namespace
+
+std::vector<PromptRecord> facts_records(const FactsSet& s, const std::vector<bool>& conversion_entity) {
+  const auto skip = fact_in_conversion(s, conversion_entity);
   std::vector<PromptRecord> out;
   out.reserve(s.facts.size());
   for (size_t i = 0; i < s.facts.size(); ++i) {
-    const Fact& f = s.facts[i];
-    PromptRecord r;
-    r.id = "fact-" + std::to_string(i);
+    if (skip[i]) continue;
+    PromptRecord r = fact_record(s, i);
     r.split = "seen";
-    r.prompt = f.prompt();
-    r.gold = f.gold();
     r.distractors = s.distractors[i];
-    r.meta = {{"entity", f.entity}, {"attribute", fact_attribute_name(f.attribute)}, {"value", f.value}};
+    out.push_back(std::move(r));
+  }
+  return out;
+}
+
+std::vector<bool> facts_conversion_entities(const FactsSet& s, const FactsConfig& cfg) {
+  validate_facts_config(cfg);
+  // Fisher-Yates from the back on its own stream; the last n slots are the conversion entities.
+  std::vector<size_t> perm(s.entities.size());
+  for (size_t i = 0; i < perm.size(); ++i) perm[i] = i;
+  const CounterRng rng(RngKey{cfg.seed, RngPurpose::data_generate, kStepFactsConversion, 0, 0});
+  CounterRng::Cursor cur(rng);
+  for (size_t i = perm.size(); i > 1; --i) std::swap(perm[i - 1], perm[cur.below(static_cast<uint32_t>(i))]);
+  std::vector<bool> mask(s.entities.size(), false);
+  const auto n = std::min<size_t>(static_cast<size_t>(cfg.conversion_entities), perm.size());
+  for (size_t k = 0; k < n; ++k) mask[perm[perm.size() - 1 - k]] = true;
+  return mask;
+}
+
+std::vector<PromptRecord> facts_conversion_records(const FactsSet& s, const std::vector<bool>& conversion_entity) {
+  const auto take = fact_in_conversion(s, conversion_entity);
+  std::vector<PromptRecord> out;
+  for (size_t i = 0; i < s.facts.size(); ++i) {
+    if (!take[i]) continue;
+    PromptRecord r = fact_record(s, i);
+    r.split = "conversion";
+    r.response = r.gold;
     out.push_back(std::move(r));
   }
   return out;

@@ -24,6 +24,19 @@ namespace po = boost::program_options;
 
 namespace opdlm::train {
 
+std::vector<std::string> prompt_files(const std::string& list) {
+  std::vector<std::string> out;
+  size_t start = 0;
+  while (true) {
+    const size_t comma = list.find(',', start);
+    std::string f = list.substr(start, comma == std::string::npos ? std::string::npos : comma - start);
+    const auto b = f.find_first_not_of(' '), e = f.find_last_not_of(' ');
+    out.push_back(b == std::string::npos ? "" : f.substr(b, e - b + 1));
+    if (comma == std::string::npos) return out;
+    start = comma + 1;
+  }
+}
+
 const char* conversion_mode_name(ConversionMode m) {
   switch (m) {
     case ConversionMode::opd: return "opd";
@@ -55,7 +68,8 @@ po::options_description OpdTrainOptions::schema() {
       ("model.teacher", po::value<std::string>()->default_value(""), "frozen teacher model.h5")
       ("model.student_init", po::value<std::string>()->default_value(""), "student model.h5 (empty: the teacher's weights)")
       ("model.tokenizer", po::value<std::string>()->default_value(""), "tokenizer.json of the prompts")
-      ("data.prompts", po::value<std::string>()->default_value(""), "conversion prompts JSONL")
+      ("data.prompts", po::value<std::string>()->default_value(""),
+       "conversion prompts JSONL; a comma-separated list is read as one set, in list order")
       ("data.prompts_per_step", po::value<int64_t>()->default_value(16), "rollouts per RL step")
       ("data.rows_per_update", po::value<int64_t>()->default_value(8), "training rows per optimizer step")
       ("data.max_prompt_tokens", po::value<int64_t>()->default_value(0), "skip longer prompts (0: no limit)")
@@ -203,6 +217,8 @@ OpdTrainOptions OpdTrainOptions::from_config(const ResolvedConfig& c, Conversion
 
   if (o.out_dir.empty()) OPDLM_FAIL_AT(where("run.out_dir"), "run.out_dir", "an output directory is required");
   if (o.prompts.empty()) OPDLM_FAIL_AT(where("data.prompts"), "data.prompts", "a conversion prompt JSONL is required");
+  for (const auto& f : prompt_files(o.prompts))
+    if (f.empty()) OPDLM_FAIL_AT(where("data.prompts"), "data.prompts", "empty file name in the list '", o.prompts, "'");
   if (o.tokenizer.empty()) OPDLM_FAIL_AT(where("model.tokenizer"), "model.tokenizer", "the prompts need a tokenizer");
   const bool needs_teacher = mode != ConversionMode::rm_ce || o.ce_source == CeSource::teacher;
   if (o.teacher.empty() && (needs_teacher || o.student_init.empty()))
@@ -295,9 +311,12 @@ OpdTrainSummary run_opd_training(const OpdTrainOptions& o, const std::string& re
   if (tok.vocab_size() > cfg.vocab_size)
     OPDLM_FAIL_AT(o.tokenizer, "vocab_size", "tokenizer has ", tok.vocab_size(), " ids, the model ", cfg.vocab_size);
   const bool use_rollouts = o.mode != ConversionMode::rm_ce || o.ce_source == CeSource::rollout;
-  const auto prompts = encode_prompts(io::load_prompt_jsonl(o.prompts), tok, cfg.vocab_size, spec.eos_id,
-                                      o.max_prompt_tokens, o.mode == ConversionMode::rm_ce && o.ce_source == CeSource::gold,
-                                      o.prompts);
+  std::vector<EncodedPrompt> prompts;
+  for (const auto& file : prompt_files(o.prompts)) {
+    auto part = encode_prompts(io::load_prompt_jsonl(file), tok, cfg.vocab_size, spec.eos_id, o.max_prompt_tokens,
+                               o.mode == ConversionMode::rm_ce && o.ce_source == CeSource::gold, file);
+    prompts.insert(prompts.end(), std::make_move_iterator(part.begin()), std::make_move_iterator(part.end()));
+  }
   if (prompts.empty()) OPDLM_FAIL_AT(o.prompts, "", "no prompt records");
   std::vector<EncodedPrompt> probe;
   if (!o.probe_prompts.empty()) {

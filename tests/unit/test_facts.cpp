@@ -214,6 +214,60 @@ TEST(Facts, DefaultArithmeticStreamIsUnchanged) {
   EXPECT_EQ(s.train[2].line(), "39-24=15");
 }
 
+TEST(Facts, ConversionEntitiesLeaveTheEvalAndKeepTheirFactsTogether) {
+  FactsConfig cfg = small_facts();
+  const FactsSet s = generate_facts(cfg);
+  // None by default: every fact is an eval item, no conversion record.
+  const auto none = facts_conversion_entities(s, cfg);
+  EXPECT_EQ(std::count(none.begin(), none.end(), true), 0);
+  EXPECT_EQ(facts_records(s, none), facts_records(s));
+  EXPECT_TRUE(facts_conversion_records(s, none).empty());
+
+  cfg.conversion_entities = 80;
+  const auto mask = facts_conversion_entities(s, cfg);
+  ASSERT_EQ(mask.size(), s.entities.size());
+  EXPECT_EQ(std::count(mask.begin(), mask.end(), true), 80);
+  EXPECT_EQ(mask, facts_conversion_entities(s, cfg));  // a pure function of the config
+  FactsConfig other = cfg;
+  other.seed = cfg.seed + 1;
+  EXPECT_NE(facts_conversion_entities(generate_facts(other), other), mask);  // the seed picks them
+
+  std::set<std::string> conv_entities;
+  for (size_t e = 0; e < mask.size(); ++e)
+    if (mask[e]) conv_entities.insert(s.entities[e]);
+  const auto eval = facts_records(s, mask);
+  const auto conv = facts_conversion_records(s, mask);
+  EXPECT_EQ(eval.size() + conv.size(), s.facts.size());  // a partition of the facts
+  std::set<std::string> ids;
+  for (const auto& r : eval) {
+    EXPECT_EQ(conv_entities.count(r.meta["entity"].get<std::string>()), 0u) << r.id;
+    EXPECT_EQ(r.split, "seen");
+    ids.insert(r.id);
+  }
+  for (const auto& r : conv) {
+    EXPECT_EQ(conv_entities.count(r.meta["entity"].get<std::string>()), 1u) << r.id;
+    EXPECT_EQ(r.split, "conversion");
+    ASSERT_TRUE(r.response && r.gold);
+    EXPECT_EQ(*r.response, *r.gold);
+    EXPECT_TRUE(r.distractors.empty());
+    EXPECT_TRUE(ids.insert(r.id).second) << "id in both sets: " << r.id;
+    // The record is the fact's eval form (same id, prompt and gold as without a split).
+    const auto all = facts_records(s);
+    const auto it = std::find_if(all.begin(), all.end(), [&](const PromptRecord& a) { return a.id == r.id; });
+    ASSERT_NE(it, all.end());
+    EXPECT_EQ(it->prompt, r.prompt);
+    EXPECT_EQ(it->gold, r.gold);
+  }
+  // Every fact of a conversion entity is in the conversion set, so no entity is in both.
+  std::map<std::string, int> facts_of;
+  for (const auto& f : s.facts) facts_of[f.entity]++;
+  std::map<std::string, int> conv_count;
+  for (const auto& r : conv) conv_count[r.meta["entity"].get<std::string>()]++;
+  for (const auto& e : conv_entities) EXPECT_EQ(conv_count[e], facts_of[e]) << e;
+  // The training text does not depend on the split: the teacher learns every fact.
+  EXPECT_EQ(generate_facts(cfg).train_lines, s.train_lines);
+}
+
 TEST(Facts, BadArgumentsNameTheFlag) {
   auto facts_with = [](auto mutate) {
     FactsConfig c = small_facts();
@@ -226,6 +280,8 @@ TEST(Facts, BadArgumentsNameTheFlag) {
   expect_flag_error(facts_with([](FactsConfig& c) { c.templates = 4; }), "--templates");
   expect_flag_error(facts_with([](FactsConfig& c) { c.templates = 0; }), "--templates");
   expect_flag_error(facts_with([](FactsConfig& c) { c.n_distractors = 16; }), "--distractors");
+  expect_flag_error(facts_with([](FactsConfig& c) { c.conversion_entities = -1; }), "--conversion-entities");
+  expect_flag_error(facts_with([](FactsConfig& c) { c.conversion_entities = c.n_facts; }), "--conversion-entities");
 
   auto arith_with = [](auto mutate) {
     ArithmeticConfig c;

@@ -277,6 +277,36 @@ TEST(OpdTraining, ConversionStepIsBitwiseDeterministicForASeed) {
   fs::remove_all(s.dir);
 }
 
+TEST(OpdTraining, APromptListIsReadAsOneSetInListOrder) {
+  EXPECT_EQ(train::prompt_files("a.jsonl"), (std::vector<std::string>{"a.jsonl"}));
+  EXPECT_EQ(train::prompt_files("a.jsonl, b.jsonl"), (std::vector<std::string>{"a.jsonl", "b.jsonl"}));
+  EXPECT_EQ(train::prompt_files("a.jsonl,,b"), (std::vector<std::string>{"a.jsonl", "", "b"}));  // rejected by from_config
+  // The same records split over two files train bit for bit like the one file.
+  const TinySetup s = make_setup("list");
+  std::ifstream in(s.prompts);
+  std::vector<std::string> lines;
+  for (std::string l; std::getline(in, l);) lines.push_back(l);
+  ASSERT_EQ(lines.size(), 9u);
+  const std::string first = s.dir + "/first.jsonl", second = s.dir + "/second.jsonl";
+  std::ofstream f1(first), f2(second);
+  for (size_t i = 0; i < lines.size(); ++i) (i < 4 ? f1 : f2) << lines[i] << "\n";
+  f1.close();
+  f2.close();
+  const auto one = train::run_opd_training(tiny_options(s, train::ConversionMode::opd, "one"), "test");
+  auto o = tiny_options(s, train::ConversionMode::opd, "two");
+  o.prompts = first + " , " + second;
+  const auto two = train::run_opd_training(o, "test");
+  EXPECT_EQ(one.final_loss, two.final_loss);
+  EXPECT_EQ(one.budget.train_tokens(), two.budget.train_tokens());
+  EXPECT_EQ(one.budget.skipped_prompts, two.budget.skipped_prompts);
+  // In the other order the stream of prompts differs, so the run does too.
+  o.prompts = second + "," + first;
+  o.out_dir = s.dir + "/swapped";
+  const auto swapped = train::run_opd_training(o, "test");
+  EXPECT_FALSE(one.budget.train_tokens() == swapped.budget.train_tokens() && one.final_loss == swapped.final_loss);
+  fs::remove_all(s.dir);
+}
+
 TEST(OpdTraining, EveryModeTrainsCountsItsBudgetAndSkipsBadPrompts) {
   const TinySetup s = make_setup("modes");
   for (auto mode : {train::ConversionMode::opd, train::ConversionMode::rm_kl, train::ConversionMode::rm_ce}) {

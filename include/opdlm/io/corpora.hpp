@@ -148,6 +148,9 @@ struct FactsConfig {
   int templates = 1;        // surface forms used in training, 1..3 (repeat r uses form r % templates)
   int n_distractors = 3;    // other values of the same attribute per eval item
   uint32_t seed = 0;
+  // Entities whose facts become conversion prompts instead of eval items (the teacher learns all
+  // K). Conversion data then shows the answer format on facts the eval never asks about.
+  int64_t conversion_entities = 0;
 };
 
 // Throws an Error naming the command-line flag (--n-facts, --repeats, ...) of the first bad field.
@@ -163,8 +166,14 @@ struct FactsSet {
 // A pure function of the config: the same seed gives the same names, facts and line order.
 FactsSet generate_facts(const FactsConfig& cfg);
 // One eval record per fact: prompt, gold, distractors, split "seen", id "fact-<i>",
-// meta {entity, attribute, value}.
-std::vector<PromptRecord> facts_records(const FactsSet& s);
+// meta {entity, attribute, value}. Facts of the conversion entities (below) are left out.
+std::vector<PromptRecord> facts_records(const FactsSet& s, const std::vector<bool>& conversion_entity = {});
+// Which entities (index into s.entities) are conversion entities: cfg.conversion_entities of them,
+// drawn by a seeded shuffle on their own stream (data_generate, step 9).
+std::vector<bool> facts_conversion_entities(const FactsSet& s, const FactsConfig& cfg);
+// One conversion record per fact of a conversion entity: prompt, response = gold = " value.",
+// split "conversion", id "fact-<i>" (the same fact index as facts_records), meta as there.
+std::vector<PromptRecord> facts_conversion_records(const FactsSet& s, const std::vector<bool>& conversion_entity);
 
 
 // ---- Row-aligned packing (opdlm data prepare --pack-rows) -----------------------------------------

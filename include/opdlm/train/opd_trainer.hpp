@@ -36,6 +36,10 @@ enum class CeSource : uint8_t { gold, rollout, teacher };
 // ramp_steps = 0: always max_new.
 int64_t max_rollout_length(int64_t step, int64_t start, int64_t max_new, int64_t ramp_steps, int64_t b);
 
+// data.prompts split at commas, each name trimmed of spaces ("a.jsonl, b.jsonl" -> {a, b}); empty
+// names are kept so the caller can reject them.
+std::vector<std::string> prompt_files(const std::string& list);
+
 struct OpdTrainOptions {
   ConversionMode mode = ConversionMode::opd;
   // [model]
