@@ -1,0 +1,254 @@
+// Communicator wrapper (size checks + flight recorder), the recorder ring, and the MPI backend.
+#include "opdlm/parallel/communicator.hpp"
+
+#include <algorithm>
+#include <climits>
+#include <cstdlib>
+#include <iomanip>
+
+#include "opdlm/base/check.hpp"
+#include "opdlm/base/error.hpp"
+
+namespace opdlm::parallel {
+
+const char* collective_op_name(CollectiveOp op) {
+  switch (op) {
+    case CollectiveOp::all_reduce: return "all_reduce";
+    case CollectiveOp::reduce_scatter: return "reduce_scatter";
+    case CollectiveOp::all_gather: return "all_gather";
+    case CollectiveOp::broadcast: return "broadcast";
+    case CollectiveOp::barrier: return "barrier";
+  }
+  return "?";
+}
+
+const char* reduce_op_name(ReduceOp op) { return op == ReduceOp::sum ? "sum" : "max"; }
+
+size_t dtype_size(DType t) {
+  switch (t) {
+    case DType::f32: return 4;
+    case DType::f64: return 8;
+    case DType::i64: return 8;
+    case DType::u8: return 1;
+  }
+  return 0;
+}
+
+// ---- flight recorder --------------------------------------------------------------------------------
+
+FlightRecorder::FlightRecorder(size_t capacity) : ring_(std::max<size_t>(capacity, 1)), t0_(std::chrono::steady_clock::now()) {}
+
+double FlightRecorder::now() const {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0_).count();
+}
+
+uint64_t FlightRecorder::start(const std::string& comm, uint64_t seq, CollectiveOp op, size_t bytes) {
+  std::lock_guard<std::mutex> lock(mu_);
+  const uint64_t token = next_++;
+  ring_[token % ring_.size()] = CollectiveRecord{seq, comm, op, bytes, now(), -1.0};
+  return token;
+}
+
+void FlightRecorder::finish(uint64_t token) {
+  std::lock_guard<std::mutex> lock(mu_);
+  if (next_ - token > ring_.size()) return;  // overwritten by newer calls already
+  ring_[token % ring_.size()].end_s = now();
+}
+
+std::vector<CollectiveRecord> FlightRecorder::snapshot() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  std::vector<CollectiveRecord> out;
+  const uint64_t n = std::min<uint64_t>(next_, ring_.size());
+  out.reserve(n);
+  for (uint64_t t = next_ - n; t < next_; ++t) out.push_back(ring_[t % ring_.size()]);
+  return out;
+}
+
+uint64_t FlightRecorder::total() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return next_;
+}
+
+void FlightRecorder::dump(std::ostream& os) const {
+  os << "# seq comm op bytes start_s end_s\n";
+  for (const auto& r : snapshot()) {
+    os << r.seq << ' ' << r.comm << ' ' << collective_op_name(r.op) << ' ' << r.bytes << ' ' << std::fixed
+       << std::setprecision(6) << r.start_s << ' ';
+    if (r.end_s < 0)
+      os << "IN-FLIGHT";
+    else
+      os << r.end_s;
+    os << '\n';
+  }
+}
+
+FlightRecorder& flight_recorder() {
+  static FlightRecorder rec;
+  return rec;
+}
+
+// ---- the wrapper ------------------------------------------------------------------------------------
+
+template <class F>
+void Communicator::recorded(CollectiveOp op, size_t bytes, F&& run) {
+  const uint64_t token = rec_->start(name_, seq_++, op, bytes);
+  run();
+  rec_->finish(token);
+}
+
+void Communicator::check_chunks(const char* what, size_t big, size_t small) const {
+  if (big != small * static_cast<size_t>(size()))
+    OPDLM_FAIL(what, " on communicator '", name_, "': the full buffer has ", big, " elements, expected ", size(),
+               " x ", small);
+}
+
+void Communicator::all_reduce(std::span<float> b, ReduceOp op) {
+  recorded(CollectiveOp::all_reduce, b.size_bytes(), [&] { do_all_reduce(b.data(), b.size(), DType::f32, op); });
+}
+void Communicator::all_reduce(std::span<double> b, ReduceOp op) {
+  recorded(CollectiveOp::all_reduce, b.size_bytes(), [&] { do_all_reduce(b.data(), b.size(), DType::f64, op); });
+}
+void Communicator::all_reduce(std::span<int64_t> b, ReduceOp op) {
+  recorded(CollectiveOp::all_reduce, b.size_bytes(), [&] { do_all_reduce(b.data(), b.size(), DType::i64, op); });
+}
+
+void Communicator::reduce_scatter(std::span<const float> in, std::span<float> out) {
+  check_chunks("reduce_scatter", in.size(), out.size());
+  recorded(CollectiveOp::reduce_scatter, in.size_bytes(),
+           [&] { do_reduce_scatter(in.data(), out.data(), out.size(), DType::f32); });
+}
+void Communicator::reduce_scatter(std::span<const double> in, std::span<double> out) {
+  check_chunks("reduce_scatter", in.size(), out.size());
+  recorded(CollectiveOp::reduce_scatter, in.size_bytes(),
+           [&] { do_reduce_scatter(in.data(), out.data(), out.size(), DType::f64); });
+}
+
+void Communicator::all_gather(std::span<const float> in, std::span<float> out) {
+  check_chunks("all_gather", out.size(), in.size());
+  recorded(CollectiveOp::all_gather, in.size_bytes(), [&] { do_all_gather(in.data(), out.data(), in.size(), DType::f32); });
+}
+void Communicator::all_gather(std::span<const double> in, std::span<double> out) {
+  check_chunks("all_gather", out.size(), in.size());
+  recorded(CollectiveOp::all_gather, in.size_bytes(), [&] { do_all_gather(in.data(), out.data(), in.size(), DType::f64); });
+}
+void Communicator::all_gather(std::span<const int64_t> in, std::span<int64_t> out) {
+  check_chunks("all_gather", out.size(), in.size());
+  recorded(CollectiveOp::all_gather, in.size_bytes(), [&] { do_all_gather(in.data(), out.data(), in.size(), DType::i64); });
+}
+
+void Communicator::broadcast(std::span<float> b, int root) {
+  recorded(CollectiveOp::broadcast, b.size_bytes(), [&] { do_broadcast(b.data(), b.size(), DType::f32, root); });
+}
+void Communicator::broadcast(std::span<double> b, int root) {
+  recorded(CollectiveOp::broadcast, b.size_bytes(), [&] { do_broadcast(b.data(), b.size(), DType::f64, root); });
+}
+void Communicator::broadcast(std::span<int64_t> b, int root) {
+  recorded(CollectiveOp::broadcast, b.size_bytes(), [&] { do_broadcast(b.data(), b.size(), DType::i64, root); });
+}
+void Communicator::broadcast(std::span<uint8_t> b, int root) {
+  recorded(CollectiveOp::broadcast, b.size_bytes(), [&] { do_broadcast(b.data(), b.size(), DType::u8, root); });
+}
+
+void Communicator::barrier() {
+  recorded(CollectiveOp::barrier, 0, [&] { do_barrier(); });
+}
+
+// ---- MPI backend -------------------------------------------------------------------------------------
+
+namespace {
+
+MPI_Datatype mpi_type(DType t) {
+  switch (t) {
+    case DType::f32: return MPI_FLOAT;
+    case DType::f64: return MPI_DOUBLE;
+    case DType::i64: return MPI_INT64_T;
+    case DType::u8: return MPI_UINT8_T;
+  }
+  return MPI_DATATYPE_NULL;
+}
+
+MPI_Op mpi_op(ReduceOp op) { return op == ReduceOp::sum ? MPI_SUM : MPI_MAX; }
+
+// MPI counts are int: in-place all-reduce and broadcast go in pieces; the gathers need one count.
+constexpr size_t kMaxPiece = size_t{1} << 30;
+
+int mpi_count(size_t n, const char* what) {
+  if (n > static_cast<size_t>(INT_MAX)) OPDLM_FAIL(what, ": ", n, " elements per rank exceeds MPI's int count");
+  return static_cast<int>(n);
+}
+
+void finalize_at_exit() {
+  int finalized = 0;
+  MPI_Finalized(&finalized);
+  if (!finalized) MPI_Finalize();
+}
+
+}  // namespace
+
+bool MpiRuntime::initialized() {
+  int init = 0;
+  MPI_Initialized(&init);
+  return init != 0;
+}
+
+void MpiRuntime::ensure_initialized() {
+  if (initialized()) return;
+  int provided = 0;
+  MPI_CHECK(MPI_Init_thread(nullptr, nullptr, MPI_THREAD_FUNNELED, &provided));
+  MPI_CHECK(MPI_Comm_set_errhandler(MPI_COMM_WORLD, MPI_ERRORS_RETURN));
+  std::atexit(finalize_at_exit);
+}
+
+MpiCommunicator::MpiCommunicator(MPI_Comm comm, bool owned, std::string name)
+    : Communicator(std::move(name), flight_recorder()), comm_(comm), owned_(owned) {
+  MPI_CHECK(MPI_Comm_rank(comm_, &rank_));
+  MPI_CHECK(MPI_Comm_size(comm_, &size_));
+}
+
+MpiCommunicator::~MpiCommunicator() {
+  int finalized = 0;
+  MPI_Finalized(&finalized);
+  if (owned_ && !finalized) MPI_Comm_free(&comm_);
+}
+
+std::shared_ptr<MpiCommunicator> MpiCommunicator::world() {
+  MpiRuntime::ensure_initialized();
+  return std::shared_ptr<MpiCommunicator>(new MpiCommunicator(MPI_COMM_WORLD, false, "world"));
+}
+
+std::unique_ptr<MpiCommunicator> MpiCommunicator::split(int color, int key, std::string name) {
+  MPI_Comm c = MPI_COMM_NULL;
+  MPI_CHECK(MPI_Comm_split(comm_, color, key, &c));
+  MPI_CHECK(MPI_Comm_set_errhandler(c, MPI_ERRORS_RETURN));
+  return std::unique_ptr<MpiCommunicator>(new MpiCommunicator(c, true, std::move(name)));
+}
+
+void MpiCommunicator::do_all_reduce(void* buf, size_t count, DType type, ReduceOp op) {
+  auto* p = static_cast<char*>(buf);
+  for (size_t off = 0; off < count; off += kMaxPiece) {
+    const size_t n = std::min(kMaxPiece, count - off);
+    MPI_CHECK(MPI_Allreduce(MPI_IN_PLACE, p + off * dtype_size(type), static_cast<int>(n), mpi_type(type), mpi_op(op), comm_));
+  }
+}
+
+void MpiCommunicator::do_reduce_scatter(const void* in, void* out, size_t count_per_rank, DType type) {
+  MPI_CHECK(MPI_Reduce_scatter_block(in, out, mpi_count(count_per_rank, "reduce_scatter"), mpi_type(type), MPI_SUM, comm_));
+}
+
+void MpiCommunicator::do_all_gather(const void* in, void* out, size_t count_per_rank, DType type) {
+  const int n = mpi_count(count_per_rank, "all_gather");
+  MPI_CHECK(MPI_Allgather(in, n, mpi_type(type), out, n, mpi_type(type), comm_));
+}
+
+void MpiCommunicator::do_broadcast(void* buf, size_t count, DType type, int root) {
+  if (root < 0 || root >= size_) OPDLM_FAIL("broadcast on '", name(), "': root ", root, " outside [0, ", size_, ")");
+  auto* p = static_cast<char*>(buf);
+  for (size_t off = 0; off < count; off += kMaxPiece) {
+    const size_t n = std::min(kMaxPiece, count - off);
+    MPI_CHECK(MPI_Bcast(p + off * dtype_size(type), static_cast<int>(n), mpi_type(type), root, comm_));
+  }
+}
+
+void MpiCommunicator::do_barrier() { MPI_CHECK(MPI_Barrier(comm_)); }
+
+}  // namespace opdlm::parallel
