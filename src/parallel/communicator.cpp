@@ -8,6 +8,7 @@
 
 #include "opdlm/base/check.hpp"
 #include "opdlm/base/error.hpp"
+#include "opdlm/parallel/tree_sum.hpp"
 
 namespace opdlm::parallel {
 
@@ -24,12 +25,12 @@ const char* collective_op_name(CollectiveOp op) {
 
 const char* reduce_op_name(ReduceOp op) { return op == ReduceOp::sum ? "sum" : "max"; }
 
-size_t dtype_size(DType t) {
+size_t elem_size(ElemType t) {
   switch (t) {
-    case DType::f32: return 4;
-    case DType::f64: return 8;
-    case DType::i64: return 8;
-    case DType::u8: return 1;
+    case ElemType::f32: return 4;
+    case ElemType::f64: return 8;
+    case ElemType::i64: return 8;
+    case ElemType::u8: return 1;
   }
   return 0;
 }
@@ -103,50 +104,50 @@ void Communicator::check_chunks(const char* what, size_t big, size_t small) cons
 }
 
 void Communicator::all_reduce(std::span<float> b, ReduceOp op) {
-  recorded(CollectiveOp::all_reduce, b.size_bytes(), [&] { do_all_reduce(b.data(), b.size(), DType::f32, op); });
+  recorded(CollectiveOp::all_reduce, b.size_bytes(), [&] { do_all_reduce(b.data(), b.size(), ElemType::f32, op); });
 }
 void Communicator::all_reduce(std::span<double> b, ReduceOp op) {
-  recorded(CollectiveOp::all_reduce, b.size_bytes(), [&] { do_all_reduce(b.data(), b.size(), DType::f64, op); });
+  recorded(CollectiveOp::all_reduce, b.size_bytes(), [&] { do_all_reduce(b.data(), b.size(), ElemType::f64, op); });
 }
 void Communicator::all_reduce(std::span<int64_t> b, ReduceOp op) {
-  recorded(CollectiveOp::all_reduce, b.size_bytes(), [&] { do_all_reduce(b.data(), b.size(), DType::i64, op); });
+  recorded(CollectiveOp::all_reduce, b.size_bytes(), [&] { do_all_reduce(b.data(), b.size(), ElemType::i64, op); });
 }
 
 void Communicator::reduce_scatter(std::span<const float> in, std::span<float> out) {
   check_chunks("reduce_scatter", in.size(), out.size());
   recorded(CollectiveOp::reduce_scatter, in.size_bytes(),
-           [&] { do_reduce_scatter(in.data(), out.data(), out.size(), DType::f32); });
+           [&] { do_reduce_scatter(in.data(), out.data(), out.size(), ElemType::f32); });
 }
 void Communicator::reduce_scatter(std::span<const double> in, std::span<double> out) {
   check_chunks("reduce_scatter", in.size(), out.size());
   recorded(CollectiveOp::reduce_scatter, in.size_bytes(),
-           [&] { do_reduce_scatter(in.data(), out.data(), out.size(), DType::f64); });
+           [&] { do_reduce_scatter(in.data(), out.data(), out.size(), ElemType::f64); });
 }
 
 void Communicator::all_gather(std::span<const float> in, std::span<float> out) {
   check_chunks("all_gather", out.size(), in.size());
-  recorded(CollectiveOp::all_gather, in.size_bytes(), [&] { do_all_gather(in.data(), out.data(), in.size(), DType::f32); });
+  recorded(CollectiveOp::all_gather, in.size_bytes(), [&] { do_all_gather(in.data(), out.data(), in.size(), ElemType::f32); });
 }
 void Communicator::all_gather(std::span<const double> in, std::span<double> out) {
   check_chunks("all_gather", out.size(), in.size());
-  recorded(CollectiveOp::all_gather, in.size_bytes(), [&] { do_all_gather(in.data(), out.data(), in.size(), DType::f64); });
+  recorded(CollectiveOp::all_gather, in.size_bytes(), [&] { do_all_gather(in.data(), out.data(), in.size(), ElemType::f64); });
 }
 void Communicator::all_gather(std::span<const int64_t> in, std::span<int64_t> out) {
   check_chunks("all_gather", out.size(), in.size());
-  recorded(CollectiveOp::all_gather, in.size_bytes(), [&] { do_all_gather(in.data(), out.data(), in.size(), DType::i64); });
+  recorded(CollectiveOp::all_gather, in.size_bytes(), [&] { do_all_gather(in.data(), out.data(), in.size(), ElemType::i64); });
 }
 
 void Communicator::broadcast(std::span<float> b, int root) {
-  recorded(CollectiveOp::broadcast, b.size_bytes(), [&] { do_broadcast(b.data(), b.size(), DType::f32, root); });
+  recorded(CollectiveOp::broadcast, b.size_bytes(), [&] { do_broadcast(b.data(), b.size(), ElemType::f32, root); });
 }
 void Communicator::broadcast(std::span<double> b, int root) {
-  recorded(CollectiveOp::broadcast, b.size_bytes(), [&] { do_broadcast(b.data(), b.size(), DType::f64, root); });
+  recorded(CollectiveOp::broadcast, b.size_bytes(), [&] { do_broadcast(b.data(), b.size(), ElemType::f64, root); });
 }
 void Communicator::broadcast(std::span<int64_t> b, int root) {
-  recorded(CollectiveOp::broadcast, b.size_bytes(), [&] { do_broadcast(b.data(), b.size(), DType::i64, root); });
+  recorded(CollectiveOp::broadcast, b.size_bytes(), [&] { do_broadcast(b.data(), b.size(), ElemType::i64, root); });
 }
 void Communicator::broadcast(std::span<uint8_t> b, int root) {
-  recorded(CollectiveOp::broadcast, b.size_bytes(), [&] { do_broadcast(b.data(), b.size(), DType::u8, root); });
+  recorded(CollectiveOp::broadcast, b.size_bytes(), [&] { do_broadcast(b.data(), b.size(), ElemType::u8, root); });
 }
 
 void Communicator::barrier() {
@@ -157,12 +158,12 @@ void Communicator::barrier() {
 
 namespace {
 
-MPI_Datatype mpi_type(DType t) {
+MPI_Datatype mpi_type(ElemType t) {
   switch (t) {
-    case DType::f32: return MPI_FLOAT;
-    case DType::f64: return MPI_DOUBLE;
-    case DType::i64: return MPI_INT64_T;
-    case DType::u8: return MPI_UINT8_T;
+    case ElemType::f32: return MPI_FLOAT;
+    case ElemType::f64: return MPI_DOUBLE;
+    case ElemType::i64: return MPI_INT64_T;
+    case ElemType::u8: return MPI_UINT8_T;
   }
   return MPI_DATATYPE_NULL;
 }
@@ -223,29 +224,41 @@ std::unique_ptr<MpiCommunicator> MpiCommunicator::split(int color, int key, std:
   return std::unique_ptr<MpiCommunicator>(new MpiCommunicator(c, true, std::move(name)));
 }
 
-void MpiCommunicator::do_all_reduce(void* buf, size_t count, DType type, ReduceOp op) {
+void MpiCommunicator::do_all_reduce(void* buf, size_t count, ElemType type, ReduceOp op) {
   auto* p = static_cast<char*>(buf);
   for (size_t off = 0; off < count; off += kMaxPiece) {
     const size_t n = std::min(kMaxPiece, count - off);
-    MPI_CHECK(MPI_Allreduce(MPI_IN_PLACE, p + off * dtype_size(type), static_cast<int>(n), mpi_type(type), mpi_op(op), comm_));
+    MPI_CHECK(MPI_Allreduce(MPI_IN_PLACE, p + off * elem_size(type), static_cast<int>(n), mpi_type(type), mpi_op(op), comm_));
   }
 }
 
-void MpiCommunicator::do_reduce_scatter(const void* in, void* out, size_t count_per_rank, DType type) {
-  MPI_CHECK(MPI_Reduce_scatter_block(in, out, mpi_count(count_per_rank, "reduce_scatter"), mpi_type(type), MPI_SUM, comm_));
+// Deterministic: an all-to-all hands each rank every rank's copy of its chunk, which it sums in the
+// fixed pairwise tree over ranks (tree_sum.hpp), so the bits do not depend on MPI's algorithm choice
+// and match one process summing the same parts by the same tree. Same bytes on the wire as a
+// reduce-scatter by pairwise exchange; one extra chunk-sized buffer per rank.
+void MpiCommunicator::do_reduce_scatter(const void* in, void* out, size_t count_per_rank, ElemType type) {
+  const int n = mpi_count(count_per_rank, "reduce_scatter");
+  std::vector<char> parts(static_cast<size_t>(size_) * count_per_rank * elem_size(type));
+  MPI_CHECK(MPI_Alltoall(in, n, mpi_type(type), parts.data(), n, mpi_type(type), comm_));
+  if (type == ElemType::f32)
+    tree_combine_into(reinterpret_cast<const float*>(parts.data()), size_t(size_), count_per_rank, static_cast<float*>(out));
+  else if (type == ElemType::f64)
+    tree_combine_into(reinterpret_cast<const double*>(parts.data()), size_t(size_), count_per_rank, static_cast<double*>(out));
+  else
+    OPDLM_FAIL("reduce_scatter supports f32 and f64");
 }
 
-void MpiCommunicator::do_all_gather(const void* in, void* out, size_t count_per_rank, DType type) {
+void MpiCommunicator::do_all_gather(const void* in, void* out, size_t count_per_rank, ElemType type) {
   const int n = mpi_count(count_per_rank, "all_gather");
   MPI_CHECK(MPI_Allgather(in, n, mpi_type(type), out, n, mpi_type(type), comm_));
 }
 
-void MpiCommunicator::do_broadcast(void* buf, size_t count, DType type, int root) {
+void MpiCommunicator::do_broadcast(void* buf, size_t count, ElemType type, int root) {
   if (root < 0 || root >= size_) OPDLM_FAIL("broadcast on '", name(), "': root ", root, " outside [0, ", size_, ")");
   auto* p = static_cast<char*>(buf);
   for (size_t off = 0; off < count; off += kMaxPiece) {
     const size_t n = std::min(kMaxPiece, count - off);
-    MPI_CHECK(MPI_Bcast(p + off * dtype_size(type), static_cast<int>(n), mpi_type(type), root, comm_));
+    MPI_CHECK(MPI_Bcast(p + off * elem_size(type), static_cast<int>(n), mpi_type(type), root, comm_));
   }
 }
 

@@ -4,16 +4,25 @@
 #include <gtest/gtest.h>
 #include <mpi.h>
 
+#include <cmath>
+#include <cstring>
 #include <numeric>
+#include <random>
 #include <vector>
 
 #include "opdlm/base/error.hpp"
 #include "opdlm/parallel/communicator.hpp"
 #include "opdlm/parallel/process_grid.hpp"
+#include "opdlm/parallel/tree_sum.hpp"
+#include "opdlm/parallel/zero1.hpp"
+#include "opdlm/ops/adamw.hpp"
+#include "opdlm/ops/grad_norm.hpp"
 
 namespace {
 
 using namespace opdlm::parallel;
+using opdlm::Shape;
+using opdlm::Tensor;
 
 TEST(MpiCommunicator, CollectivesGiveTheAnalyticResultOnEveryRank) {
   auto world = MpiCommunicator::world();
@@ -80,6 +89,98 @@ TEST(MpiCommunicator, MismatchedBuffersAreRefusedBeforeAnyCommunication) {
   std::vector<float> b(2);
   EXPECT_THROW(world->broadcast(std::span<float>(b), world->size()), opdlm::Error);
   world->barrier();  // every rank threw locally, so the world is still in step
+}
+
+TEST(MpiCommunicator, ReduceScatterSumsInTheFixedTreeOverRanks) {
+  // Every rank can rebuild every rank's input, so each checks its chunk against the serial tree.
+  auto world = MpiCommunicator::world();
+  const int n = world->size(), r = world->rank();
+  const size_t chunk = 1000;
+  auto input_of = [&](int q) {
+    std::vector<float> v(chunk * n);
+    for (size_t i = 0; i < v.size(); ++i)  // magnitudes over 6 decades: the sum depends on the order
+      v[i] = std::ldexp(float((q * 7919 + i * 104729) % 2001) - 1000.f, int((q * 31 + i) % 40) - 20);
+    return v;
+  };
+  const auto mine = input_of(r);
+  std::vector<float> out(chunk);
+  world->reduce_scatter(std::span<const float>(mine), std::span<float>(out));
+  std::vector<float> parts;
+  for (int q = 0; q < n; ++q) {
+    const auto v = input_of(q);
+    parts.insert(parts.end(), v.begin() + r * chunk, v.begin() + (r + 1) * chunk);
+  }
+  std::vector<float> want(chunk);
+  tree_combine_into(parts.data(), size_t(n), chunk, want.data());
+  EXPECT_EQ(std::memcmp(out.data(), want.data(), chunk * sizeof(float)), 0);
+}
+
+// ZeRO-1 on the real DP group: the same parameters, bit for bit, as one process that sums the
+// ranks' gradient parts by the same tree, clips and runs AdamW; the state is split, not copied.
+TEST(ShardedAdamW, EveryDpSizeUpdatesLikeOneProcess) {
+  auto world = MpiCommunicator::world();
+  const int n = world->size(), r = world->rank();
+  const std::vector<Shape> shapes = {{50000}, {64, 48}, {33}, {20000, 2}};
+  auto part_of = [&](int q, int64_t step, size_t t, int64_t numel) {  // rank q's gradient part
+    std::vector<float> v(static_cast<size_t>(numel));
+    std::mt19937 gen(uint32_t(1000 * q + 10 * step + t));
+    std::normal_distribution<float> nd(0.f, step == 2 ? 50.f : 0.02f);  // step 2 clips
+    for (auto& x : v) x = nd(gen);
+    return v;
+  };
+  std::vector<Tensor> mine, ref, m1, m2;
+  std::mt19937 init(1);
+  std::normal_distribution<float> nd(0.f, 1.f);
+  for (const auto& s : shapes) {
+    mine.push_back(Tensor::zeros(s));
+    for (int64_t i = 0; i < mine.back().numel(); ++i) mine.back().data<float>()[i] = nd(init);
+    ref.push_back(mine.back().clone());
+    m1.push_back(Tensor::zeros(s));
+    m2.push_back(Tensor::zeros(s));
+  }
+  std::vector<Tensor*> pp;
+  std::vector<bool> no_decay;
+  int64_t total = 0;
+  for (auto& t : mine) pp.push_back(&t), no_decay.push_back(t.ndim() < 2), total += t.numel();
+  ShardedAdamW opt(pp, no_decay, *world);
+  // The optimizer state is sharded: about 1/n of the moments per rank (within a norm chunk).
+  EXPECT_LE(opt.shard_elements(), total / n + opdlm::ops::kGradNormChunk);
+  int64_t shards = opt.shard_elements();
+  std::vector<int64_t> s1 = {shards};
+  world->all_reduce(std::span<int64_t>(s1));
+  EXPECT_EQ(s1[0], total);
+  opdlm::ops::AdamWConfig cfg;
+  cfg.lr = 3e-3;
+  cfg.weight_decay = 0.1;
+  for (int64_t step = 1; step <= 3; ++step) {
+    std::vector<Tensor> g, gsum;
+    for (size_t t = 0; t < shapes.size(); ++t) {
+      g.push_back(Tensor::zeros(shapes[t]));
+      gsum.push_back(Tensor::zeros(shapes[t]));
+      const auto v = part_of(r, step, t, g.back().numel());
+      std::memcpy(g.back().data<float>(), v.data(), v.size() * sizeof(float));
+      std::vector<float> parts;
+      for (int q = 0; q < n; ++q) {
+        const auto w = part_of(q, step, t, g.back().numel());
+        parts.insert(parts.end(), w.begin(), w.end());
+      }
+      tree_combine_into(parts.data(), size_t(n), size_t(g.back().numel()), gsum.back().data<float>());
+    }
+    std::vector<const Tensor*> gc;
+    for (auto& t : g) gc.push_back(&t);
+    const double got = opt.step(gc, step, cfg, 1.0);
+    std::vector<Tensor*> gp;
+    for (auto& t : gsum) gp.push_back(&t);
+    const double want = opdlm::ops::clip_grad_norm(gp, 1.0);
+    EXPECT_EQ(got, want) << "step " << step;
+    for (size_t t = 0; t < ref.size(); ++t) {
+      opdlm::ops::AdamWConfig a = cfg;
+      if (ref[t].ndim() < 2) a.weight_decay = 0;
+      opdlm::ops::adamw_step(ref[t], gsum[t], m1[t], m2[t], step, a);
+      ASSERT_EQ(std::memcmp(ref[t].data<float>(), mine[t].data<float>(), ref[t].nbytes()), 0)
+          << "tensor " << t << " step " << step << " rank " << r;
+    }
+  }
 }
 
 TEST(ProcessGrid, TpAndDpCommunicatorsHoldTheRanksOfTheLayout) {

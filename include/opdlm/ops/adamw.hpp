@@ -18,5 +18,9 @@ struct AdamWConfig {
 // param, grad, m, v: same shape and dtype (f32 or f64); math in double, one rounding per store.
 // step >= 1 is the count of steps including this one (torch's state['step'] after its increment).
 void adamw_step(Tensor& param, const Tensor& grad, Tensor& m, Tensor& v, int64_t step, const AdamWConfig& cfg);
+// The same update on n contiguous f32 elements (a ZeRO-1 shard of a tensor): the same kernel, so
+// the bits equal adamw_step's on those elements.
+void adamw_step_range(float* param, const float* grad, float* m, float* v, int64_t n, int64_t step,
+                      const AdamWConfig& cfg);
 
 }  // namespace opdlm::ops

@@ -8,8 +8,14 @@
 
 namespace opdlm::ops {
 
-// sum of g^2 over all tensors (f32 or f64), accumulated in double over fixed-size chunks in a fixed
-// order: the result is bitwise the same for any OpenMP thread count.
+// The chunk of the fixed summation order: per tensor, chunk c = elements [c K, min(N, (c + 1) K)).
+constexpr int64_t kGradNormChunk = int64_t{1} << 14;
+// sum of g^2 over one chunk (at most kGradNormChunk elements), in double, in element order.
+double chunk_sq_sum(const float* p, int64_t n);
+double chunk_sq_sum(const double* p, int64_t n);
+// sum of g^2 over all tensors (f32 or f64): per tensor the chunk sums added in chunk order, then the
+// tensor sums in tensor order. The result is bitwise the same for any OpenMP thread count, and a
+// ZeRO-1 shard owner can compute its chunks' sums alone (parallel/zero1).
 double grad_sq_sum(const std::vector<const Tensor*>& grads);
 // sqrt(grad_sq_sum(grads)).
 double global_grad_norm(const std::vector<const Tensor*>& grads);

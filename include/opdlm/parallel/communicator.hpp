@@ -20,11 +20,11 @@ namespace opdlm::parallel {
 
 enum class CollectiveOp { all_reduce, reduce_scatter, all_gather, broadcast, barrier };
 enum class ReduceOp { sum, max };
-enum class DType { f32, f64, i64, u8 };
+enum class ElemType { f32, f64, i64, u8 };
 
 const char* collective_op_name(CollectiveOp op);
 const char* reduce_op_name(ReduceOp op);
-size_t dtype_size(DType t);
+size_t elem_size(ElemType t);
 
 // ---- flight recorder --------------------------------------------------------------------------------
 
@@ -79,7 +79,9 @@ class Communicator {
   void all_reduce(std::span<float> buf, ReduceOp op = ReduceOp::sum);
   void all_reduce(std::span<double> buf, ReduceOp op = ReduceOp::sum);
   void all_reduce(std::span<int64_t> buf, ReduceOp op = ReduceOp::sum);
-  // in has size() * out.size() elements; out <- sum over ranks of in's rank()-th chunk.
+  // in has size() * out.size() elements; out <- sum over ranks of in's rank()-th chunk, summed in
+  // the fixed pairwise tree over ranks (tree_sum.hpp): deterministic, the same bits as a serial
+  // tree_combine of the same parts. Every backend must keep this order.
   void reduce_scatter(std::span<const float> in, std::span<float> out);
   void reduce_scatter(std::span<const double> in, std::span<double> out);
   // out has size() * in.size() elements; chunk r of out <- rank r's in.
@@ -95,10 +97,10 @@ class Communicator {
 
  protected:
   // Backends implement these; count is in elements of `type`.
-  virtual void do_all_reduce(void* buf, size_t count, DType type, ReduceOp op) = 0;
-  virtual void do_reduce_scatter(const void* in, void* out, size_t count_per_rank, DType type) = 0;
-  virtual void do_all_gather(const void* in, void* out, size_t count_per_rank, DType type) = 0;
-  virtual void do_broadcast(void* buf, size_t count, DType type, int root) = 0;
+  virtual void do_all_reduce(void* buf, size_t count, ElemType type, ReduceOp op) = 0;
+  virtual void do_reduce_scatter(const void* in, void* out, size_t count_per_rank, ElemType type) = 0;
+  virtual void do_all_gather(const void* in, void* out, size_t count_per_rank, ElemType type) = 0;
+  virtual void do_broadcast(void* buf, size_t count, ElemType type, int root) = 0;
   virtual void do_barrier() = 0;
 
  private:
@@ -135,10 +137,10 @@ class MpiCommunicator final : public Communicator {
   MPI_Comm comm() const { return comm_; }
 
  protected:
-  void do_all_reduce(void* buf, size_t count, DType type, ReduceOp op) override;
-  void do_reduce_scatter(const void* in, void* out, size_t count_per_rank, DType type) override;
-  void do_all_gather(const void* in, void* out, size_t count_per_rank, DType type) override;
-  void do_broadcast(void* buf, size_t count, DType type, int root) override;
+  void do_all_reduce(void* buf, size_t count, ElemType type, ReduceOp op) override;
+  void do_reduce_scatter(const void* in, void* out, size_t count_per_rank, ElemType type) override;
+  void do_all_gather(const void* in, void* out, size_t count_per_rank, ElemType type) override;
+  void do_broadcast(void* buf, size_t count, ElemType type, int root) override;
   void do_barrier() override;
 
  private:

@@ -19,12 +19,7 @@ void check_config(const AdamWConfig& c, int64_t step) {
 }
 
 template <class T>
-void kernel(Tensor& param, const Tensor& grad, Tensor& m, Tensor& v, int64_t step, const AdamWConfig& c) {
-  const int64_t N = param.numel();
-  T* p = param.data<T>();
-  const T* g = grad.data<T>();
-  T* pm = m.data<T>();
-  T* pv = v.data<T>();
+void kernel_range(T* p, const T* g, T* pm, T* pv, int64_t N, int64_t step, const AdamWConfig& c) {
   const double decay = 1.0 - c.lr * c.weight_decay;
   const double step_size = c.lr / (1.0 - std::pow(c.beta1, static_cast<double>(step)));
   const double bc2_sqrt = std::sqrt(1.0 - std::pow(c.beta2, static_cast<double>(step)));
@@ -51,8 +46,18 @@ void adamw_step(Tensor& param, const Tensor& grad, Tensor& m, Tensor& v, int64_t
     expect_shape(*t, name, param.shape(), "shape of 'param'");
   }
   check_config(cfg, step);
-  if (param.dtype() == DType::f32) kernel<float>(param, grad, m, v, step, cfg);
-  else kernel<double>(param, grad, m, v, step, cfg);
+  if (param.dtype() == DType::f32)
+    kernel_range<float>(param.data<float>(), grad.data<float>(), m.data<float>(), v.data<float>(), param.numel(), step, cfg);
+  else
+    kernel_range<double>(param.data<double>(), grad.data<double>(), m.data<double>(), v.data<double>(), param.numel(),
+                         step, cfg);
+}
+
+void adamw_step_range(float* param, const float* grad, float* m, float* v, int64_t n, int64_t step,
+                      const AdamWConfig& cfg) {
+  check_config(cfg, step);
+  if (n < 0) OPDLM_FAIL("adamw_step_range: n is ", n);
+  kernel_range<float>(param, grad, m, v, n, step, cfg);
 }
 
 }  // namespace opdlm::ops

@@ -10,8 +10,8 @@ namespace opdlm::ops {
 
 namespace {
 
-// Fixed chunking keeps the summation order independent of the thread count.
-constexpr int64_t kChunk = int64_t{1} << 14;
+// Fixed chunking keeps the summation order independent of the thread count (and of ZeRO-1 shards).
+constexpr int64_t kChunk = kGradNormChunk;
 
 void check_grad(const Tensor* t, size_t i, const char* op) {
   const std::string name = "grads[" + std::to_string(i) + "]";
@@ -27,9 +27,7 @@ double sq_sum(const Tensor& t) {
 #pragma omp parallel for schedule(static) if (nchunks > 1)
   for (int64_t c = 0; c < nchunks; ++c) {
     const int64_t e = std::min(N, (c + 1) * kChunk);
-    double s = 0.0;
-    for (int64_t i = c * kChunk; i < e; ++i) s += static_cast<double>(p[i]) * static_cast<double>(p[i]);
-    part[static_cast<size_t>(c)] = s;
+    part[static_cast<size_t>(c)] = chunk_sq_sum(p + c * kChunk, e - c * kChunk);
   }
   double s = 0.0;
   for (double x : part) s += x;
@@ -45,6 +43,18 @@ void scale(Tensor& t, double f) {
 }
 
 }  // namespace
+
+double chunk_sq_sum(const float* p, int64_t n) {
+  double s = 0.0;
+  for (int64_t i = 0; i < n; ++i) s += static_cast<double>(p[i]) * static_cast<double>(p[i]);
+  return s;
+}
+
+double chunk_sq_sum(const double* p, int64_t n) {
+  double s = 0.0;
+  for (int64_t i = 0; i < n; ++i) s += p[i] * p[i];
+  return s;
+}
 
 double grad_sq_sum(const std::vector<const Tensor*>& grads) {
   for (size_t i = 0; i < grads.size(); ++i) check_grad(grads[i], i, "grad_sq_sum");
