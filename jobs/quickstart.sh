@@ -5,12 +5,13 @@
 #
 # Teacher:  Qwen3-shaped, configs/teacher/quickstart.{ini,model.json}, trained on invented facts
 #           (the knowledge probe) + 1-2 digit arithmetic (jobs/data/make_quickstart_corpus.sh)
-# Convert:  configs/opd/quickstart.ini on arithmetic conversion prompts only (no facts, no held-out
-#           operand pairs); OPD stops at optim.max_train_tokens, rm-ce at OPD's measured count
+# Convert:  configs/opd/quickstart.ini on the conversion prompts: arithmetic (no held-out operand
+#           pairs) + the facts of the conversion entities (never an eval entity); OPD stops at
+#           optim.max_train_tokens, rm-ce at OPD's measured count
 # Evaluate: teacher (AR), S0 = the teacher's weights decoded as a DLM before any conversion, OPD,
-#           rm-ce: exact match on facts (retention) and held-out arithmetic, multiple choice by
+#           rm-ce: exact match on the eval entities' facts (retention) and held-out arithmetic, multiple choice by
 #           likelihood on facts, tokens per forward, KL(teacher||student) on own / random states
-# Time:     about 6 minutes on 2 cores measured (teacher 172 s, OPD 73 s, rm-ce 74 s, evals 95 s),
+# Time:     398 s on 2 cores measured (teacher 163 s, OPD 74 s, rm-ce 45 s, evals 115 s),
 #           plus the build on a fresh machine; ~15 MB of disk
 # Output:   runs/quickstart/{teacher,opd,rm-ce}/ (model.h5, metrics.jsonl, summary.json),
 #           runs/quickstart/eval/*.json (opdlm eval results), runs/quickstart/table.{txt,json}
