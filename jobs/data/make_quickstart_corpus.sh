@@ -28,7 +28,7 @@
 # Time on 2 cores: ~1 s.
 #
 # Usage: jobs/data/make_quickstart_corpus.sh [OUT]
-#   env: OPDLM (binary, default build/opdlm), VOCAB (512), N_FACTS (300), N_FACTS_CONV (150), REPEATS (30),
+#   env: OPDLM (binary, default build/opdlm), VOCAB (512), N_FACTS (300), N_FACTS_CONV (N_FACTS / 2), REPEATS (30),
 #        TEMPLATES (1), N_ARITH (60000), N_EVAL (500), N_CONV (2000), SEED (0),
 #        SEQ_LEN (64: rows of the packed shard; must equal the trainer's data.seq_len)
 set -euo pipefail
@@ -37,7 +37,7 @@ OUT=${1:-data/quickstart}
 OPDLM=${OPDLM:-build/opdlm}
 VOCAB=${VOCAB:-512}
 N_FACTS=${N_FACTS:-300}
-N_FACTS_CONV=${N_FACTS_CONV:-150}
+N_FACTS_CONV=${N_FACTS_CONV:-$((N_FACTS / 2))}
 REPEATS=${REPEATS:-30}
 TEMPLATES=${TEMPLATES:-1}
 N_ARITH=${N_ARITH:-60000}

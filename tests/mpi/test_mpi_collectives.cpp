@@ -15,6 +15,10 @@
 #include "opdlm/parallel/process_grid.hpp"
 #include "opdlm/parallel/tree_sum.hpp"
 #include "opdlm/parallel/zero1.hpp"
+#include "opdlm/diffusion/rollout_exchange.hpp"
+#include "opdlm/diffusion/sampler.hpp"
+#include "opdlm/model/qwen3.hpp"
+#include "test_util.hpp"
 #include "opdlm/ops/adamw.hpp"
 #include "opdlm/ops/grad_norm.hpp"
 
@@ -181,6 +185,50 @@ TEST(ShardedAdamW, EveryDpSizeUpdatesLikeOneProcess) {
           << "tensor " << t << " step " << step << " rank " << r;
     }
   }
+}
+
+// DP rollouts: each rank decodes its share of the prompts (sample id = global index, so the share
+// changes with the world size), and the gathered rollouts equal one process decoding all of them in
+// one batch, bit for bit, bad prompts (with their error text) included.
+TEST(RolloutExchange, SharedDecodingEqualsOneProcessDecodingEverything) {
+  auto world = MpiCommunicator::world();
+  const int n = world->size(), r = world->rank();
+  constexpr int64_t kVocab = 24;
+  opdlm::model::Qwen3Config c = opdlm::test::tiny_qwen3_config(kVocab, 16, 32, 2, 1, 8);
+  c.mask_token_id = kVocab - 1;
+  opdlm::model::Qwen3Weights w(c);
+  w.init_random(11, 0.3);
+  const auto model = opdlm::model::Qwen3Model::student(std::move(w));
+  std::vector<std::vector<int32_t>> prompts;
+  std::vector<uint32_t> ids;
+  for (int i = 0; i < 9; ++i) {
+    std::vector<int32_t> p;
+    for (int t = 0; t < (i == 4 ? 0 : 1 + (5 * i) % 7); ++t) p.push_back(static_cast<int32_t>((7 * i + 5 * t + 3) % (kVocab - 1)));
+    prompts.push_back(p);  // prompt 4 is empty: a failed rollout that must travel too
+    ids.push_back(static_cast<uint32_t>(1000 + i));
+  }
+  opdlm::diffusion::SamplerOptions o;
+  o.block_size = 4;
+  o.steps_per_block = 4;
+  o.max_new_tokens = 10;
+  o.strategy = opdlm::diffusion::Strategy::low_confidence_static;
+  o.sampling.temperature = 1.0;
+  o.mask_id = int32_t(kVocab - 1);
+  o.eos_id = 2;
+  o.pad_id = 0;
+  o.seed = 5;
+  o.step = 3;
+  const auto whole = opdlm::diffusion::bd_generate(model, prompts, ids, o);
+  std::vector<std::vector<int32_t>> my_prompts;
+  std::vector<uint32_t> my_ids;
+  for (size_t i = 0; i < prompts.size(); ++i)
+    if (int(i) % n == r) my_prompts.push_back(prompts[i]), my_ids.push_back(ids[i]);
+  const auto mine = opdlm::diffusion::bd_generate(model, my_prompts, my_ids, o);
+  const auto all = opdlm::diffusion::all_gather_rollouts(mine, *world);
+  ASSERT_EQ(all.size(), whole.size());
+  for (size_t i = 0; i < all.size(); ++i) EXPECT_TRUE(all[i] == whole[i]) << "sample " << whole[i].sample_id;
+  EXPECT_FALSE(all[4].ok());
+  EXPECT_FALSE(all[4].error.empty());
 }
 
 TEST(ProcessGrid, TpAndDpCommunicatorsHoldTheRanksOfTheLayout) {
