@@ -1,0 +1,36 @@
+// The tensor-parallel layout of a Qwen3 model (Megatron): which shard of each weight a TP rank holds,
+// and the memory per rank of teacher + student + gradients + ZeRO-1 AdamW state (docs/parallel.md).
+// The TP model allocates its shards from tp_shard_shapes; the formula is checked against allocations.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "opdlm/model/qwen3_config.hpp"
+#include "opdlm/parallel/process_grid.hpp"
+#include "opdlm/tensor/tensor.hpp"
+
+namespace opdlm::model {
+
+// One TP rank's weight shapes, in Qwen3Weights' order and names: embedding and LM head split by
+// vocabulary rows (padded vocabulary), q/k/v and gate/up by output rows (column-parallel), o and
+// down by input columns (row-parallel); RMSNorm gains replicated. With tp = 1 these are
+// Qwen3Weights::expected_shapes.
+std::vector<std::pair<std::string, Shape>> tp_shard_shapes(const Qwen3Config& c, const parallel::TpPlan& plan);
+
+struct RankMemory {
+  int64_t params = 0;          // parameters of one model held by this rank (its TP shard)
+  int64_t teacher_bytes = 0;   // frozen teacher shard (f32)
+  int64_t student_bytes = 0;   // trainable student shard (f32)
+  int64_t grad_bytes = 0;      // the student's gradient buffers (f32)
+  int64_t adam_bytes = 0;      // AdamW m + v, ZeRO-1 sharded over DP: 8 * ceil(params / dp) (+ up to one norm chunk)
+  int64_t zero1_step_bytes = 0;  // transient buffers of one ShardedAdamW step: 4 * (2 dp + 2) * ceil(params / dp)
+  int64_t total_bytes() const { return teacher_bytes + student_bytes + grad_bytes + adam_bytes + zero1_step_bytes; }
+};
+
+// Closed form, f32 weights; activations, KV caches and rollouts are not included.
+RankMemory memory_per_rank(const Qwen3Config& c, const parallel::TpPlan& plan, int dp);
+
+}  // namespace opdlm::model
