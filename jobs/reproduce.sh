@@ -8,7 +8,8 @@
 #           exactly as jobs/quickstart.sh does (jobs/lib/common.sh)
 # Arms:     A opd, C rm-kl, B rm-ce (--loss.ce_source=gold), B' rm-ce (--loss.ce_source=teacher)
 #           (study.md 5.4), all from S0 = the teacher's weights, configs/opd/quickstart.ini, on the
-#           arithmetic conversion prompts only; every arm gets the same LR sweep and seeds
+#           conversion prompts arith/conversion.jsonl + facts/conversion.jsonl (the facts of the
+#           conversion entities; never an eval entity); every arm gets the same LR sweep and seeds
 # Budget:   per run MAX_TOKENS training tokens (default 160,000; optim.max_train_tokens), with
 #           checkpoints at the MILESTONES (default 2,500 .. 160,000, doubling: run.save_at_tokens)
 #           and the state-KL probe (eval.probe_every, PROBES per run). The cosine horizon
@@ -21,9 +22,9 @@
 #           on the final checkpoint of each arm's best LR (and S0): EM and tokens per forward
 # Report:   tools/study_report.py RUN -> RUN/report.md + RUN/report.json (pass/fail of study.md 5.8)
 # Model:    quickstart teacher size (configs/teacher/quickstart.model.json); smoke teachers work too
-# Time:     CALIBRATING. Order of magnitude on 2 cores: the 36 conversions dominate (each run costs
-#           about 3x quickstart's 60k-token OPD/rm-ce run), plus ~250 milestone evals at EVAL_LIMIT
-#           200: several hours (not measured yet). The reduced run below (smoke teacher) took 141 s.
+# Time:     measured on 2 cores with JOBS=2 OMP_NUM_THREADS=1: 36 conversions of 120k tokens, 144
+#           milestone evals at EVAL_LIMIT 100, two taus: 37 min (docs/study.md). The defaults (160k
+#           tokens, EVAL_LIMIT 200, six taus) take about 1.5x that; with JOBS=1, about 2x.
 # Output:   RUN/study.json (settings + per-arm horizon), RUN/calib/ARM/ (calibration runs),
 #           RUN/train/ARM/lr_LR/seed_S/{metrics.jsonl,summary.json,train.log,model.h5,checkpoints/tokens_M.h5},
 #           RUN/eval/ARM/lr_LR/seed_S/tokens_M.{json,log}, RUN/eval/ref/{teacher,s0}.json,
