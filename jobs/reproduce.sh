@@ -24,7 +24,7 @@
 # Model:    quickstart teacher size (configs/teacher/quickstart.model.json); smoke teachers work too
 # Time:     measured on 2 cores with JOBS=2 OMP_NUM_THREADS=1: 36 conversions of 120k tokens, 144
 #           milestone evals at EVAL_LIMIT 100, two taus: 37 min (docs/study.md). The defaults (160k
-#           tokens, EVAL_LIMIT 200, six taus) take about 1.5x that; with JOBS=1, about 2x.
+#           tokens, EVAL_LIMIT 200, six taus) should take about 1.5x that (an estimate, not measured).
 # Output:   RUN/study.json (settings + per-arm horizon), RUN/calib/ARM/ (calibration runs),
 #           RUN/train/ARM/lr_LR/seed_S/{metrics.jsonl,summary.json,train.log,model.h5,checkpoints/tokens_M.h5},
 #           RUN/eval/ARM/lr_LR/seed_S/tokens_M.{json,log}, RUN/eval/ref/{teacher,s0}.json,
