@@ -214,6 +214,13 @@ int data_kjv(const std::vector<std::string>& args) {
   return kExitOk;
 }
 
+// --seed is parsed signed, so "-1" is an error naming the flag rather than a wrap-around.
+uint32_t seed_flag(int64_t seed) {
+  if (seed < 0 || seed > int64_t{0xFFFFFFFF})
+    OPDLM_FAIL_AT("command line", "--seed", "--seed must be in [0, 2^32), got ", seed);
+  return static_cast<uint32_t>(seed);
+}
+
 int data_arithmetic(const std::vector<std::string>& args) {
   po::options_description desc(
       "opdlm data arithmetic: synthetic arithmetic text and eval sets (../shared/docs/data.md 6.5)\n"
@@ -240,9 +247,7 @@ int data_arithmetic(const std::vector<std::string>& args) {
   // Parsed signed so that "-1" is an error naming the flag rather than a huge unsigned count.
   if (n_conversion < 0) OPDLM_FAIL_AT("command line", "--n-conversion", "--n-conversion must be >= 0, got ", n_conversion);
   cfg.n_conversion = static_cast<uint64_t>(n_conversion);
-  if (seed < 0 || seed > int64_t{0xFFFFFFFF})
-    OPDLM_FAIL_AT("command line", "--seed", "--seed must be in [0, 2^32), got ", seed);
-  cfg.seed = static_cast<uint32_t>(seed);
+  cfg.seed = seed_flag(seed);
   io::validate_arithmetic_config(cfg);  // before creating the folder
   fs::create_directories(out_dir);
   const auto sets = io::generate_arithmetic(cfg);
@@ -311,9 +316,7 @@ int data_facts(const std::vector<std::string>& args) {
   po::variables_map vm;
   if (opdlm::cli::parse_or_print_help(args, desc, vm)) return kExitOk;
   namespace io = opdlm::io;
-  if (seed < 0 || seed > int64_t{0xFFFFFFFF})
-    OPDLM_FAIL_AT("command line", "--seed", "--seed must be in [0, 2^32), got ", seed);
-  cfg.seed = static_cast<uint32_t>(seed);
+  cfg.seed = seed_flag(seed);
   io::validate_facts_config(cfg);  // before creating the folder
   fs::create_directories(out_dir);
   const auto set = io::generate_facts(cfg);

@@ -101,9 +101,8 @@ double ShardedAdamW::step(const std::vector<const Tensor*>& grads, int64_t step,
   int current = units_.empty() ? 0 : units_[0].tensor;
   for (int r = 0; r < dp; ++r)
     for (size_t u = first_[size_t(r)]; u < first_[size_t(r) + 1]; ++u) {
-      if (units_[u].tensor != current) {  // tensors with no element contribute a +0 sum, as in grad_sq_sum
+      if (units_[u].tensor != current) {  // an empty tensor has no unit: its +0 sum changes nothing
         total += tensor_sum;
-        for (int t = current + 1; t < units_[u].tensor; ++t) total += 0.0;
         tensor_sum = 0.0;
         current = units_[u].tensor;
       }

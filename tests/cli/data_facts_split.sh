@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # data_facts_split.sh: `opdlm data facts --conversion-entities`: the conversion and eval files split
 # the facts by entity, train.txt does not depend on the split, the manifest counts agree, and a bad
-# value exits non-zero naming the flag without creating the output folder.
+# value (or seed) exits non-zero naming the flag without creating the output folder.
 # Usage: tests/cli/data_facts_split.sh OPDLM
 set -euo pipefail
 OPDLM=$1
@@ -49,3 +49,13 @@ fi
 grep -q -- "--conversion-entities" "$WORK/err.txt" || { echo "FAIL: error does not name the flag:" >&2; cat "$WORK/err.txt" >&2; exit 1; }
 [[ ! -e $WORK/bad ]] || { echo "FAIL: a failing run created its output folder" >&2; exit 1; }
 echo "ok: bad --conversion-entities rejected: $(head -n 1 "$WORK/err.txt")"
+
+# A seed outside [0, 2^32) is refused the same way by both generators (one check, seed_flag).
+for cmd in facts arithmetic; do
+  if "$OPDLM" data $cmd --out-dir "$WORK/badseed" --seed -1 2> "$WORK/err.txt"; then
+    echo "FAIL: data $cmd --seed -1 accepted" >&2; exit 1
+  fi
+  grep -q -- "--seed must be in" "$WORK/err.txt" || { echo "FAIL: data $cmd: error does not name --seed:" >&2; cat "$WORK/err.txt" >&2; exit 1; }
+  [[ ! -e $WORK/badseed ]] || { echo "FAIL: data $cmd created its output folder" >&2; exit 1; }
+done
+echo "ok: --seed -1 rejected by data facts and data arithmetic"

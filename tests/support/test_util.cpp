@@ -217,4 +217,26 @@ std::string tiny_bpe_tokenizer_json(const std::vector<std::pair<int, std::string
   return j.dump();
 }
 
+// ---- LocalCommunicator ----
+
+LocalCommunicator::LocalCommunicator(int rank, int size)
+    : Communicator("local", parallel::flight_recorder()), rank_(rank), size_(size) {}
+
+void LocalCommunicator::single_rank_only(const char* op) const {
+  if (size_ != 1) ADD_FAILURE() << "LocalCommunicator of size " << size_ << " cannot run " << op;
+}
+void LocalCommunicator::do_all_reduce(void*, size_t, parallel::ElemType, parallel::ReduceOp) {
+  single_rank_only("all_reduce");
+}
+void LocalCommunicator::do_reduce_scatter(const void* in, void* out, size_t n, parallel::ElemType t) {
+  single_rank_only("reduce_scatter");
+  std::memcpy(out, in, n * parallel::elem_size(t));
+}
+void LocalCommunicator::do_all_gather(const void* in, void* out, size_t n, parallel::ElemType t) {
+  single_rank_only("all_gather");
+  std::memcpy(out, in, n * parallel::elem_size(t));
+}
+void LocalCommunicator::do_broadcast(void*, size_t, parallel::ElemType, int) { single_rank_only("broadcast"); }
+void LocalCommunicator::do_barrier() { single_rank_only("barrier"); }
+
 }  // namespace opdlm::test

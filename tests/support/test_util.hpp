@@ -12,6 +12,7 @@
 #include "opdlm/base/rng.hpp"
 #include "opdlm/model/qwen3_config.hpp"
 #include "opdlm/ops/mask.hpp"
+#include "opdlm/parallel/communicator.hpp"
 #include "opdlm/tensor/tensor.hpp"
 
 namespace opdlm::test {
@@ -73,6 +74,27 @@ using Golden = std::map<std::string, Tensor>;
 Golden load_golden(const std::string& group);
 const Tensor& golden_get(const Golden& g, const std::string& name);
 std::string golden_dir();
+
+// A communicator without MPI that claims (rank, size): with size 1 every collective is the identity
+// (a copy), so one-rank code runs for real; with size > 1 it only answers rank() and size(), for
+// code that lays out shards, and any collective fails the test.
+class LocalCommunicator final : public parallel::Communicator {
+ public:
+  LocalCommunicator(int rank = 0, int size = 1);
+  int rank() const override { return rank_; }
+  int size() const override { return size_; }
+
+ protected:
+  void do_all_reduce(void*, size_t, parallel::ElemType, parallel::ReduceOp) override;
+  void do_reduce_scatter(const void* in, void* out, size_t n, parallel::ElemType t) override;
+  void do_all_gather(const void* in, void* out, size_t n, parallel::ElemType t) override;
+  void do_broadcast(void*, size_t, parallel::ElemType, int) override;
+  void do_barrier() override;
+
+ private:
+  void single_rank_only(const char* op) const;
+  int rank_, size_;
+};
 
 }  // namespace opdlm::test
 

@@ -75,24 +75,6 @@ TEST(TpLayout, ShardsAddUpToTheWholePaddedModel) {
   }
 }
 
-// A communicator that only answers rank and size: ShardedAdamW's constructor needs nothing else.
-class FixedComm final : public parallel::Communicator {
- public:
-  FixedComm(int rank, int size) : Communicator("fixed", parallel::flight_recorder()), rank_(rank), size_(size) {}
-  int rank() const override { return rank_; }
-  int size() const override { return size_; }
-
- protected:
-  void do_all_reduce(void*, size_t, parallel::ElemType, parallel::ReduceOp) override { FAIL(); }
-  void do_reduce_scatter(const void*, void*, size_t, parallel::ElemType) override { FAIL(); }
-  void do_all_gather(const void*, void*, size_t, parallel::ElemType) override { FAIL(); }
-  void do_broadcast(void*, size_t, parallel::ElemType, int) override { FAIL(); }
-  void do_barrier() override { FAIL(); }
-
- private:
-  int rank_, size_;
-};
-
 TEST(TpLayout, Zero1AdamBytesAreWhatShardedAdamWHolds) {
   model::Qwen3Config c = test::tiny_qwen3_config(1000, 64, 192, 4, 2, 16);  // ~0.26M parameters: many norm chunks
   model::Qwen3Weights w(c);
@@ -104,7 +86,7 @@ TEST(TpLayout, Zero1AdamBytesAreWhatShardedAdamWHolds) {
     const auto m = model::memory_per_rank(c, plan, dp);
     int64_t sum = 0;
     for (int r = 0; r < dp; ++r) {
-      FixedComm comm(r, dp);
+      test::LocalCommunicator comm(r, dp);  // the constructor only lays out shards
       parallel::ShardedAdamW opt(params, no_decay, comm);
       sum += opt.state_bytes();
       // Balanced to within one norm chunk of the formula's even split.

@@ -1,6 +1,6 @@
 // ZeRO-1's pure shard layout: units are the gradient-norm chunks of every tensor, the runs per rank
 // partition them contiguously and are balanced to within one chunk; a one-rank ShardedAdamW (no
-// MPI needed: a loopback communicator) updates bit for bit like clip_grad_norm + adamw_step.
+// MPI needed: test::LocalCommunicator) updates bit for bit like clip_grad_norm + adamw_step.
 #include <gtest/gtest.h>
 
 #include <cstring>
@@ -8,6 +8,7 @@
 
 #include "opdlm/ops/grad_norm.hpp"
 #include "opdlm/parallel/zero1.hpp"
+#include "test_util.hpp"
 
 namespace {
 
@@ -45,21 +46,6 @@ TEST(Zero1Layout, ShardsPartitionTheUnitsContiguouslyAndBalanced) {
   }
 }
 
-// A one-rank communicator without MPI: every collective is a copy.
-class Loopback final : public Communicator {
- public:
-  Loopback() : Communicator("loop", flight_recorder()) {}
-  int rank() const override { return 0; }
-  int size() const override { return 1; }
-
- protected:
-  void do_all_reduce(void*, size_t, ElemType, ReduceOp) override {}
-  void do_reduce_scatter(const void* in, void* out, size_t n, ElemType t) override { std::memcpy(out, in, n * elem_size(t)); }
-  void do_all_gather(const void* in, void* out, size_t n, ElemType t) override { std::memcpy(out, in, n * elem_size(t)); }
-  void do_broadcast(void*, size_t, ElemType, int) override {}
-  void do_barrier() override {}
-};
-
 TEST(Zero1, OneRankMatchesClipAndAdamWBitForBit) {
   std::mt19937 gen(9);
   std::normal_distribution<float> nd(0.f, 1.f);
@@ -76,7 +62,7 @@ TEST(Zero1, OneRankMatchesClipAndAdamWBitForBit) {
   std::vector<Tensor*> pp;
   std::vector<bool> no_decay;
   for (auto& t : q) pp.push_back(&t), no_decay.push_back(t.ndim() < 2);
-  Loopback comm;
+  test::LocalCommunicator comm;
   ShardedAdamW opt(pp, no_decay, comm);
   EXPECT_EQ(opt.shard_elements(), 70000 + 15 + 40000 + 17);
   ops::AdamWConfig cfg;
