@@ -8,25 +8,12 @@ random dout. Per case "<name>.": inputs q k v dout (f32), outputs o lse dq dk dv
 masks (i32 [n, 6]: kind 0 causal / 1 block_causal / 2 training, b, pad_left, prompt_len,
 response_len, q_offset) and allowed (i32 [B, Tq, Tk], the boolean masks themselves).
 """
-import os
-import sys
 
 import torch
 
-_REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from golden_io import import_shared_refs  # noqa: E402
 
-
-def _import_refs():
-    bench = os.path.join(_REPO, "..", "shared", "bench")
-    if not os.path.isfile(os.path.join(bench, "opd_ref.py")):
-        bench = os.environ.get("OPDLM_SHARED_BENCH", "")
-    if not os.path.isfile(os.path.join(bench, "opd_ref.py")):
-        raise RuntimeError("gen_attention: opd_ref.py not found in ../shared/bench beside the checkout "
-                           "nor in $OPDLM_SHARED_BENCH")
-    sys.path.insert(0, os.path.abspath(bench))
-    import opd_ref  # noqa: E402
-    import torch_qwen3_ref  # noqa: E402
-    return opd_ref, torch_qwen3_ref
+_import_refs = import_shared_refs  # (opd_ref, torch_qwen3_ref); gen_model and gen_opd import it from here
 
 
 CAUSAL, BLOCK, TRAINING = 0, 1, 2

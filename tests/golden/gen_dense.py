@@ -4,26 +4,17 @@ SwiGLU), read by tests/parity/test_dense_parity.cpp.
 Inputs are float32 from a seeded torch.Generator; references (forward and autograd gradients for a
 fixed random upstream gradient) are computed in float64 from those same float32 values. RMSNorm and
 RoPE come from the shared references (torch_qwen3_ref.RMSNorm, opd_ref.rope_from_pos +
-torch_qwen3_ref.apply_rope), found at <repo>/../shared/bench or $OPDLM_SHARED_BENCH.
+torch_qwen3_ref.apply_rope), found by golden_io.import_shared_refs.
 """
-import os
-import sys
 
 import torch
 import torch.nn.functional as F
 
+from golden_io import import_shared_refs  # noqa: E402
+
 
 def _shared_bench():
-    here = os.path.dirname(os.path.abspath(__file__))
-    repo_root = os.path.abspath(os.path.join(here, "..", ".."))
-    d = os.environ.get("OPDLM_SHARED_BENCH") or os.path.join(repo_root, "..", "shared", "bench")
-    d = os.path.abspath(d)
-    if not os.path.isfile(os.path.join(d, "torch_qwen3_ref.py")):
-        raise FileNotFoundError(f"torch_qwen3_ref.py not found in {d} (set OPDLM_SHARED_BENCH)")
-    if d not in sys.path:
-        sys.path.insert(0, d)
-    import opd_ref  # noqa: E402
-    import torch_qwen3_ref  # noqa: E402
+    opd_ref, torch_qwen3_ref = import_shared_refs()
     return torch_qwen3_ref, opd_ref
 
 

@@ -4,21 +4,15 @@ cross-entropy with ignore_index, the KL family (the functions of the shared benc
 in float64, gradients by autograd for a fixed random upstream gradient.
 """
 import math
-import os
-import sys
 
 import torch
 import torch.nn.functional as F
 
-_HERE = os.path.dirname(os.path.abspath(__file__))
-_REPO = os.path.dirname(os.path.dirname(_HERE))
-BENCH = os.environ.get("OPDLM_SHARED_BENCH", os.path.join(_REPO, "..", "shared", "bench"))
+from golden_io import import_shared_refs  # noqa: E402
 
 
 def _opd_ref():
-    sys.path.insert(0, os.path.abspath(BENCH))
-    import opd_ref  # noqa: E402  (shared/bench/opd_ref.py, the independent oracle)
-    return opd_ref
+    return import_shared_refs()[0]  # shared/bench/opd_ref.py, the independent oracle
 
 
 def _restricted_reverse_kl(t_logp, s_logp):
