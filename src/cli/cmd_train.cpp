@@ -1,15 +1,49 @@
 // `opdlm train --mode ar | opd | rm-kl | rm-ce --config FILE.ini [--section.key=value ...]`:
 // autoregressive pretraining or SFT of a teacher, or AR-to-DLM conversion of a teacher.
+#include <algorithm>
+#include <cstdlib>
 #include <iostream>
 #include <nlohmann/json.hpp>
 
 #include "commands.hpp"
 #include "opdlm/base/config.hpp"
 #include "opdlm/base/error.hpp"
+#include "opdlm/base/log.hpp"
+#include "opdlm/io/model_file.hpp"
+#include "opdlm/parallel/communicator.hpp"
+#include "opdlm/parallel/process_grid.hpp"
 #include "opdlm/train/ar_trainer.hpp"
 #include "opdlm/train/opd_trainer.hpp"
 
 namespace {
+
+// The world size an MPI launcher announced (Open MPI's mpirun / srun --mpi=pmix), without starting MPI.
+int launched_ranks() {
+  for (const char* var : {"OMPI_COMM_WORLD_SIZE", "PMIX_SIZE"})
+    if (const char* v = std::getenv(var)) return std::max(1, std::atoi(v));
+  return 1;
+}
+
+// The preflight of the layout against the model and the environment (parallel/process_grid.hpp).
+opdlm::parallel::GridShape preflight_layout(const opdlm::train::OpdTrainOptions& o, int world_size) {
+  const std::string model_file = o.student_init.empty() ? o.teacher : o.student_init;
+  const auto info = opdlm::io::read_model_info(model_file);
+  opdlm::parallel::PreflightInput in;
+  in.shape = {world_size, o.tp};
+  in.config_file = o.parallel_origin;
+  in.model_file = model_file;
+  in.num_heads = info.config.num_attention_heads;
+  in.num_kv_heads = info.config.num_key_value_heads;
+  in.intermediate_size = info.config.intermediate_size;
+  in.vocab_size = info.config.vocab_size;
+  if (const char* v = std::getenv("SLURM_NTASKS")) in.slurm_ntasks = std::atoll(v);
+  in.check_slurm_ntasks = o.check_slurm_ntasks;
+  const opdlm::parallel::TpPlan plan = opdlm::parallel::preflight(in);
+  if (plan.tp > 1)
+    OPDLM_FAIL_AT(in.config_file, "parallel.tp", "parallel.tp = ", plan.tp, ": the layout is valid, but the ",
+                  "tensor-parallel model is not built yet; run data parallel with parallel.tp = 1 (DP = world size)");
+  return in.shape;
+}
 
 int run_train(const std::vector<std::string>& args) {
   std::string mode, config;
@@ -38,7 +72,19 @@ int run_train(const std::vector<std::string>& args) {
     const auto conv = opdlm::train::parse_conversion_mode(mode);
     opdlm::ResolvedConfig cfg = opdlm::load_config(opdlm::train::OpdTrainOptions::schema(), config, overrides);
     auto opts = opdlm::train::OpdTrainOptions::from_config(cfg, conv);
-    auto s = opdlm::train::run_opd_training(opts, cfg.table());
+    // Layout errors name where parallel.tp came from: the command line, the config file, or the
+    // config file it would go in when defaulted.
+    if (opts.parallel_origin == "default" || opts.parallel_origin.empty())
+      opts.parallel_origin = config.empty() ? "config (parallel.tp defaulted to 1)" : config;
+    // One binary for every launch: a singleton MPI world without mpirun, the launcher's world with it.
+    auto world = opdlm::parallel::MpiCommunicator::world();
+    opdlm::LogOptions lo;
+    lo.rank = world->rank();
+    opdlm::init_logging(lo);
+    opdlm::parallel::ProcessGrid grid(world, preflight_layout(opts, world->size()));
+    const opdlm::train::TrainGrid tg{&grid.dp(), world->rank() == 0};
+    auto s = opdlm::train::run_opd_training(opts, cfg.table(), tg);
+    if (world->rank() != 0) return opdlm::cli::kExitOk;  // one summary line per job
     const auto& b = s.budget;
     nlohmann::json j = {{"mode", mode}, {"params", s.params}, {"rl_steps", s.rl_steps},
                         {"optimizer_steps", s.optimizer_steps}, {"train_tokens", b.train_tokens()},
@@ -49,6 +95,9 @@ int run_train(const std::vector<std::string>& args) {
     std::cout << j.dump() << "\n";
     return opdlm::cli::kExitOk;
   }
+  if (launched_ranks() > 1)
+    OPDLM_FAIL_AT("environment", "OMPI_COMM_WORLD_SIZE", "--mode ar (teacher pretraining) runs on one process; ",
+                  "launch it without mpirun/srun tasks (the conversion modes are the data-parallel ones)");
   opdlm::ResolvedConfig cfg = opdlm::load_config(opdlm::train::ArTrainOptions::schema(), config, overrides);
   auto opts = opdlm::train::ArTrainOptions::from_config(cfg);
   auto s = opdlm::train::run_ar_training(opts, cfg.table());

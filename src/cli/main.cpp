@@ -12,6 +12,7 @@
 #include "opdlm/base/build_info.hpp"
 #include "opdlm/base/error.hpp"
 #include "opdlm/base/log.hpp"
+#include "opdlm/parallel/communicator.hpp"
 #include "opdlm/base/rng.hpp"
 
 namespace po = boost::program_options;
@@ -117,13 +118,16 @@ int main(int argc, char** argv) {
     print_usage(std::cerr);
     return kExitUsage;
   } catch (const po::error& e) {
-    std::cerr << "opdlm: command line: " << e.what() << "\n";
+    std::cerr << "opdlm: command line: " << e.what() << std::endl;
+    opdlm::parallel::MpiRuntime::abort_if_parallel(kExitUsage);
     return kExitUsage;
   } catch (const opdlm::Error& e) {
-    std::cerr << "opdlm: error: " << e.what() << "\n";
+    std::cerr << "opdlm: error: " << e.what() << std::endl;
+    opdlm::parallel::MpiRuntime::abort_if_parallel(kExitError);
     return kExitError;
   } catch (const std::exception& e) {
-    std::cerr << "opdlm: unexpected error: " << e.what() << "\n";
+    std::cerr << "opdlm: unexpected error: " << e.what() << std::endl;
+    opdlm::parallel::MpiRuntime::abort_if_parallel(kExitError);
     return kExitError;
   }
 }

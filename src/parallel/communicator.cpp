@@ -1,6 +1,7 @@
-// Communicator wrapper (size checks + flight recorder), the recorder ring, and the MPI backend.
+// Communicator wrapper (size checks + flight recorder), the recorder ring, LocalCommunicator and the MPI backend.
 #include "opdlm/parallel/communicator.hpp"
 
+#include <cstring>
 #include <algorithm>
 #include <climits>
 #include <cstdlib>
@@ -154,6 +155,27 @@ void Communicator::barrier() {
   recorded(CollectiveOp::barrier, 0, [&] { do_barrier(); });
 }
 
+// ---- LocalCommunicator --------------------------------------------------------------------------------
+
+LocalCommunicator::LocalCommunicator(int rank, int size) : Communicator("local", flight_recorder()), rank_(rank), size_(size) {
+  if (size < 1 || rank < 0 || rank >= size) OPDLM_FAIL("LocalCommunicator: rank ", rank, " of size ", size);
+}
+
+void LocalCommunicator::single_rank_only(const char* op) const {
+  if (size_ != 1) OPDLM_FAIL("LocalCommunicator of size ", size_, " cannot run ", op, " (it has no other ranks)");
+}
+void LocalCommunicator::do_all_reduce(void*, size_t, ElemType, ReduceOp) { single_rank_only("all_reduce"); }
+void LocalCommunicator::do_reduce_scatter(const void* in, void* out, size_t n, ElemType t) {
+  single_rank_only("reduce_scatter");
+  std::memcpy(out, in, n * elem_size(t));
+}
+void LocalCommunicator::do_all_gather(const void* in, void* out, size_t n, ElemType t) {
+  single_rank_only("all_gather");
+  std::memcpy(out, in, n * elem_size(t));
+}
+void LocalCommunicator::do_broadcast(void*, size_t, ElemType, int) { single_rank_only("broadcast"); }
+void LocalCommunicator::do_barrier() { single_rank_only("barrier"); }
+
 // ---- MPI backend -------------------------------------------------------------------------------------
 
 namespace {
@@ -198,6 +220,15 @@ void MpiRuntime::ensure_initialized() {
   MPI_CHECK(MPI_Init_thread(nullptr, nullptr, MPI_THREAD_FUNNELED, &provided));
   MPI_CHECK(MPI_Comm_set_errhandler(MPI_COMM_WORLD, MPI_ERRORS_RETURN));
   std::atexit(finalize_at_exit);
+}
+
+void MpiRuntime::abort_if_parallel(int exit_code) {
+  int finalized = 0;
+  MPI_Finalized(&finalized);
+  if (!initialized() || finalized) return;
+  int size = 1;
+  MPI_Comm_size(MPI_COMM_WORLD, &size);
+  if (size > 1) MPI_Abort(MPI_COMM_WORLD, exit_code);
 }
 
 MpiCommunicator::MpiCommunicator(MPI_Comm comm, bool owned, std::string name)

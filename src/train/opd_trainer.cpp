@@ -1,8 +1,10 @@
 // The conversion loop: rollouts -> training rows -> teacher targets -> row losses -> AdamW, with
-// budget counters and the state-KL probe written to RUN/metrics.jsonl.
+// budget counters and the state-KL probe written to RUN/metrics.jsonl; data parallel over a DP group.
 #include "opdlm/train/opd_trainer.hpp"
 
 #include <chrono>
+#include <optional>
+#include <cstring>
 #include <cmath>
 #include <filesystem>
 #include <fstream>
@@ -17,7 +19,10 @@
 #include "opdlm/io/token_shard.hpp"
 #include "opdlm/io/tokenizer.hpp"
 #include "opdlm/model/ar_generate.hpp"
+#include "opdlm/diffusion/rollout_exchange.hpp"
 #include "opdlm/ops/grad_norm.hpp"
+#include "opdlm/parallel/tree_sum.hpp"
+#include "opdlm/parallel/zero1.hpp"
 #include "opdlm/train/train_common.hpp"
 
 namespace po = boost::program_options;
@@ -99,6 +104,9 @@ po::options_description OpdTrainOptions::schema() {
       ("eval.probe_prompts", po::value<std::string>()->default_value(""), "held-out prompts for the state-KL probe")
       ("eval.probe_every", po::value<int64_t>()->default_value(0), "RL steps between probes (0: start and end)")
       ("eval.probe_limit", po::value<int64_t>()->default_value(32), "probe prompts used")
+      ("parallel.tp", po::value<int64_t>()->default_value(1), "tensor-parallel ranks per group (DP = world size / tp)")
+      ("parallel.check_slurm_ntasks", po::value<bool>()->default_value(true),
+       "refuse a world size that differs from SLURM_NTASKS (the srun singleton trap)")
       ("run.out_dir", po::value<std::string>()->default_value(""), "output directory")
       ("run.seed", po::value<uint32_t>()->default_value(1234), "seed (prompt order, rollouts, states)")
       ("run.log_every", po::value<int64_t>()->default_value(1), "RL steps between log lines")
@@ -190,6 +198,9 @@ OpdTrainOptions OpdTrainOptions::from_config(const ResolvedConfig& c, Conversion
   o.probe_prompts = c.get<std::string>("eval.probe_prompts");
   o.probe_every = positive("eval.probe_every", c.get<int64_t>("eval.probe_every"), 0);
   o.probe_limit = positive("eval.probe_limit", c.get<int64_t>("eval.probe_limit"), 1);
+  o.tp = static_cast<int>(positive("parallel.tp", c.get<int64_t>("parallel.tp"), 1));
+  o.check_slurm_ntasks = c.get<bool>("parallel.check_slurm_ntasks");
+  o.parallel_origin = where("parallel.tp");
   o.out_dir = c.get<std::string>("run.out_dir");
   o.seed = c.get<uint32_t>("run.seed");
   o.log_every = positive("run.log_every", c.get<int64_t>("run.log_every"), 1);
@@ -266,15 +277,73 @@ std::vector<EncodedPrompt> encode_prompts(const io::PromptDataset& ds, const io:
   return out;
 }
 
-std::vector<const Tensor*> const_ptrs(const std::vector<Tensor*>& v) { return {v.begin(), v.end()}; }
+// The indices i of `sample_ids` this DP rank decodes: those with sample id % dp == rank.
+std::vector<size_t> my_share(const std::vector<uint32_t>& sample_ids, const parallel::Communicator& dp) {
+  std::vector<size_t> out;
+  for (size_t i = 0; i < sample_ids.size(); ++i)
+    if (static_cast<int>(sample_ids[i] % static_cast<uint32_t>(dp.size())) == dp.rank()) out.push_back(i);
+  return out;
+}
+
+// Every DP rank decodes its share of (prompts, sample_ids) with the student; the rollouts of all
+// ranks, in sample-id order (= the order of the inputs, which are ascending).
+std::vector<diffusion::Rollout> shared_bd_generate(const model::Qwen3Model& student,
+                                                   const std::vector<std::vector<int32_t>>& prompts,
+                                                   const std::vector<uint32_t>& sample_ids,
+                                                   const diffusion::SamplerOptions& so, parallel::Communicator& dp) {
+  std::vector<std::vector<int32_t>> ids;
+  std::vector<uint32_t> sids;
+  for (size_t i : my_share(sample_ids, dp)) ids.push_back(prompts[i]), sids.push_back(sample_ids[i]);
+  const auto mine = ids.empty() ? std::vector<diffusion::Rollout>{} : diffusion::bd_generate(student, ids, sids, so);
+  auto all = diffusion::all_gather_rollouts(mine, dp);
+  if (all.size() != sample_ids.size()) OPDLM_FAIL("DP rollouts: gathered ", all.size(), " of ", sample_ids.size());
+  return all;
+}
+
+// The flat gradient of every student tensor, in tensor order, and back.
+void flatten_grads(const model::Qwen3Weights& g, std::vector<float>& flat) {
+  size_t off = 0;
+  for (const auto& t : g.tensors()) {
+    std::memcpy(flat.data() + off, t.value.data<float>(), size_t(t.value.numel()) * sizeof(float));
+    off += size_t(t.value.numel());
+  }
+}
+void unflatten_grads(std::span<const float> flat, model::Qwen3Weights& g) {
+  size_t off = 0;
+  for (auto& t : g.tensors()) {
+    std::memcpy(t.value.data<float>(), flat.data() + off, size_t(t.value.numel()) * sizeof(float));
+    off += size_t(t.value.numel());
+  }
+}
 
 }  // namespace
 
-OpdTrainSummary run_opd_training(const OpdTrainOptions& o, const std::string& resolved_table) {
+int64_t dp_rows_per_rank(int dp, int64_t rows_per_update, const std::string& where) {
+  const int64_t width = parallel::tree_width(rows_per_update);
+  if (dp < 1 || (dp & (dp - 1)) != 0 || width % dp != 0)
+    OPDLM_FAIL_AT(where, "parallel.tp", "DP = world size / parallel.tp = ", dp, " must be a power of two dividing ",
+                  width, " (data.rows_per_update = ", rows_per_update, " rounded up to a power of two): each DP rank ",
+                  "computes an aligned block of every update's rows so the summed gradient is the same for every ",
+                  "layout; change the number of ranks, parallel.tp or data.rows_per_update");
+  return width / dp;
+}
+
+OpdTrainSummary run_opd_training(const OpdTrainOptions& o, const std::string& resolved_table, const TrainGrid& grid) {
   namespace fs = std::filesystem;
-  fs::create_directories(o.out_dir);
+  parallel::LocalCommunicator one_process;
+  parallel::Communicator& dp = grid.dp ? *grid.dp : one_process;
+  const int64_t rows_per_rank = dp_rows_per_rank(dp.size(), o.rows_per_update, o.parallel_origin.empty() ? "config" : o.parallel_origin);
+  const bool writer = grid.writes_outputs;
   const std::string model_path = o.out_dir + "/model.h5";
-  MetricsLog metrics(o.out_dir + "/metrics.jsonl");
+  std::optional<MetricsLog> metrics_log;
+  if (writer) {
+    fs::create_directories(o.out_dir);
+    metrics_log.emplace(o.out_dir + "/metrics.jsonl");
+  }
+  struct {
+    std::optional<MetricsLog>* log;
+    void write(const nlohmann::json& j) { if (*log) (*log)->write(j); }
+  } metrics{&metrics_log};
   const std::string mode = conversion_mode_name(o.mode);
 
   // ---- models: the frozen teacher and the student (the teacher's weights unless given) ----
@@ -326,8 +395,9 @@ OpdTrainSummary run_opd_training(const OpdTrainOptions& o, const std::string& re
   }
 
   OPDLM_LOG(info) << "opdlm train --mode " << mode << ": " << cfg.num_params() << " parameters, "
-                  << prompts.size() << " prompts\n" << resolved_table;
+                  << prompts.size() << " prompts, DP " << dp.size() << "\n" << resolved_table;
   metrics.write({{"event", "start"}, {"mode", mode}, {"params", cfg.num_params()}, {"prompts", prompts.size()},
+                 {"parallel", {{"tp", 1}, {"dp", dp.size()}, {"rows_per_rank", rows_per_rank}}},
                  {"sampler", diffusion::sampler_options_to_json(sampler)}, {"config", resolved_table}});
 
   // ---- state-KL probe: held-out prompts, decoded greedily with one token per step (eval settings) ----
@@ -346,7 +416,8 @@ OpdTrainSummary run_opd_training(const OpdTrainOptions& o, const std::string& re
     std::vector<uint32_t> sids;
     for (size_t i = 0; i < probe.size(); ++i)
       if (probe[i].error.empty()) ids.push_back(probe[i].prompt), sids.push_back(static_cast<uint32_t>(i));
-    const auto rs = diffusion::bd_generate(student, ids, sids, ps);
+    // Decoded in shares over DP; the KL is then computed on every rank (identical weights, same result).
+    const auto rs = shared_bd_generate(student, ids, sids, ps, dp);
     std::vector<RolloutView> views;
     for (const auto& r : rs)
       if (r.ok()) views.push_back({r.sample_id, r.prompt, r.response, r.step_map});
@@ -368,14 +439,19 @@ OpdTrainSummary run_opd_training(const OpdTrainOptions& o, const std::string& re
                     << kl.random << " (" << kl.rows << " rows)";
   };
 
-  // ---- optimizer state ----
-  model::Qwen3Weights m1 = student.weights().zeros_like(), m2 = student.weights().zeros_like();
-  std::vector<Tensor*> grads;
+  // ---- optimizer: AdamW moments sharded over DP (ZeRO-1), no decay on the norm gains ----
+  std::vector<Tensor*> params;
+  std::vector<bool> no_decay;
+  for (auto& t : student.weights().tensors()) params.push_back(&t.value), no_decay.push_back(t.value.ndim() < 2);
+  parallel::ShardedAdamW optimizer(params, no_decay, dp);
+  std::vector<const Tensor*> grads;
   for (auto& t : student.grads().tensors()) grads.push_back(&t.value);
+  std::vector<float> leaf(static_cast<size_t>(cfg.num_params()));
   model::Qwen3Activations acts;
   const auto t0 = std::chrono::steady_clock::now();
   auto elapsed = [&] { return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count(); };
   auto save = [&](int64_t rl_step) {
+    if (!writer) return;
     io::save_model(model_path, student.weights(),
                    {{"mode", mode}, {"rl_step", rl_step}, {"optimizer_steps", sum.optimizer_steps},
                     {"train_tokens", bc.train_tokens()}, {"teacher", o.teacher}, {"tokenizer", o.tokenizer}});
@@ -386,6 +462,7 @@ OpdTrainSummary run_opd_training(const OpdTrainOptions& o, const std::string& re
   auto save_milestones = [&](int64_t rl_step) {
     while (next_milestone < o.save_at_tokens.size() && bc.train_tokens() >= o.save_at_tokens[next_milestone]) {
       const int64_t m = o.save_at_tokens[next_milestone++];
+      if (!writer) continue;
       fs::create_directories(o.out_dir + "/checkpoints");
       const std::string path = o.out_dir + "/checkpoints/tokens_" + std::to_string(m) + ".h5";
       io::save_model(path, student.weights(),
@@ -438,7 +515,7 @@ OpdTrainSummary run_opd_training(const OpdTrainOptions& o, const std::string& re
       so.step = ustep;
       std::vector<std::vector<int32_t>> ids;
       for (const auto* p : batch) ids.push_back(p->prompt);
-      const auto rs = diffusion::bd_generate(student, ids, sample_ids, so);
+      const auto rs = shared_bd_generate(student, ids, sample_ids, so, dp);
       // The step's rollouts, tagged with the weights that made them (the unit a checkpoint saves).
       rollouts = diffusion::RolloutBuffer(sum.optimizer_steps, so);
       for (size_t i = 0; i < rs.size(); ++i)
@@ -476,11 +553,23 @@ OpdTrainSummary run_opd_training(const OpdTrainOptions& o, const std::string& re
       ao.pad_id = spec.pad_id;
       ao.seed = o.seed;
       ao.step = ustep;
+      // Each DP rank samples its share; the samples travel as rollouts (no step map).
       std::vector<std::vector<int32_t>> ids;
-      for (const auto* p : batch) ids.push_back(p->prompt);
-      const auto gs = model::ar_generate(*teacher, ids, sample_ids, ao);
-      for (size_t i = 0; i < gs.size(); ++i)
-        if (!gs[i].tokens.empty()) samples.push_back({sample_ids[i], &batch[i]->prompt, gs[i].tokens, {}});
+      std::vector<uint32_t> sids;
+      const auto share = my_share(sample_ids, dp);
+      for (size_t i : share) ids.push_back(batch[i]->prompt), sids.push_back(sample_ids[i]);
+      const auto gs = ids.empty() ? std::vector<model::ArGeneration>{} : model::ar_generate(*teacher, ids, sids, ao);
+      std::vector<diffusion::Rollout> mine(gs.size());
+      for (size_t k = 0; k < gs.size(); ++k) {
+        mine[k].sample_id = sids[k];
+        mine[k].prompt = ids[k];
+        mine[k].response = gs[k].tokens;
+        mine[k].stopped_at_eos = gs[k].stopped_at_eos;
+      }
+      const auto all = diffusion::all_gather_rollouts(mine, dp);
+      if (all.size() != batch.size()) OPDLM_FAIL("DP teacher samples: gathered ", all.size(), " of ", batch.size());
+      for (size_t i = 0; i < all.size(); ++i)
+        if (!all[i].response.empty()) samples.push_back({sample_ids[i], &batch[i]->prompt, all[i].response, {}});
     }
 
     // ---- training rows ----
@@ -526,43 +615,65 @@ OpdTrainSummary run_opd_training(const OpdTrainOptions& o, const std::string& re
     std::vector<uint8_t> trained(samples.size(), 0);
     for (size_t u0 = 0; u0 < rows.size() && !budget_reached; u0 += size_t(o.rows_per_update)) {
       const size_t u1 = std::min(rows.size(), u0 + size_t(o.rows_per_update));
-      const double scale = 1.0 / static_cast<double>(u1 - u0);
-      student.zero_grads();
-      double update_loss = 0;
-      for (size_t i = u0; i < u1; ++i) {
-        Row& r = rows[i];
+      const int64_t n = static_cast<int64_t>(u1 - u0);
+      const double scale = 1.0 / static_cast<double>(n);
+      // This rank's aligned block of the update's rows: per-row gradients are the leaves of the
+      // canonical tree (absent rows are +0), so the sum does not depend on the DP size.
+      const int64_t k0 = dp.rank() * rows_per_rank, k1 = std::min(n, k0 + rows_per_rank);
+      parallel::TreeSum tree(leaf.size(), rows_per_rank);
+      // Per row slot: loss * scale, loss positions, student forward and backward FLOPs. Each slot is
+      // filled by one rank, so the all-reduce sums it with zeros only: exact in any order.
+      std::vector<double> slot(size_t(4 * n), 0.0);
+      for (int64_t k = k0; k < k1; ++k) {
+        Row& r = rows[u0 + size_t(k)];
         Tensor tlp;
+        if (spec.objective == RowObjective::teacher_kl)
+          tlp = teacher_logprobs(*teacher, r.row.prompt, r.row.x0, loss_positions(r.row, spec));
+        student.zero_grads();
+        const RowLoss l = row_loss(student, tlp, r.row, spec, scale, acts);
+        flatten_grads(student.grads(), leaf);
+        tree.add(k - k0, leaf);
+        slot[size_t(4 * k)] = l.loss * scale;
+        slot[size_t(4 * k + 1)] = static_cast<double>(l.loss_positions);
+        slot[size_t(4 * k + 2)] = l.student_forward_flops;
+        slot[size_t(4 * k + 3)] = l.student_backward_flops;
+      }
+      unflatten_grads(tree.finish(), student.grads());
+      dp.all_reduce(std::span<double>(slot));
+      // Counters of every row of the update, in row order (the same sums on every rank).
+      double update_loss = 0;
+      for (int64_t k = 0; k < n; ++k) {
+        const Row& r = rows[u0 + size_t(k)];
+        update_loss += slot[size_t(4 * k)];
+        bc.rows += 1;
+        bc.loss_positions += static_cast<int64_t>(slot[size_t(4 * k + 1)]);
+        bc.student_forward_flops += slot[size_t(4 * k + 2)];
+        bc.student_backward_flops += slot[size_t(4 * k + 3)];
         if (spec.objective == RowObjective::teacher_kl) {
           const auto js = loss_positions(r.row, spec);
-          tlp = teacher_logprobs(*teacher, r.row.prompt, r.row.x0, js);
           const int64_t T = static_cast<int64_t>(r.row.prompt.size()) + js.back();
           const ops::MaskDescriptor causal = ops::MaskDescriptor::causal();
           bc.teacher_flops += model::forward_flops(teacher->config(), std::span(&causal, 1), 1, T, T,
                                                    static_cast<int64_t>(js.size()));
         }
-        const RowLoss l = row_loss(student, tlp, r.row, spec, scale, acts);
-        update_loss += l.loss * scale;
-        bc.rows += 1;
-        bc.loss_positions += l.loss_positions;
-        bc.student_forward_flops += l.student_forward_flops;
-        bc.student_backward_flops += l.student_backward_flops;
         if (!trained[r.sample]) {
           trained[r.sample] = 1;
           bc.train_prompt_tokens += static_cast<int64_t>(r.row.prompt.size());
           bc.train_response_tokens += r.row.L1();
         }
       }
-      const double norm = o.grad_clip > 0 ? ops::clip_grad_norm(grads, o.grad_clip) : ops::global_grad_norm(const_ptrs(grads));
-      if (!std::isfinite(update_loss) || !std::isfinite(norm))
-        OPDLM_FAIL("non-finite loss ", update_loss, " or gradient norm ", norm, " at RL step ", step,
-                   " (lower optim.lr or raise optim.warmup_steps)");
+      if (!std::isfinite(update_loss))
+        OPDLM_FAIL("non-finite loss ", update_loss, " at RL step ", step, " (lower optim.lr or raise optim.warmup_steps)");
       ops::AdamWConfig adam = o.adam;
       adam.lr = o.schedule.at(sum.optimizer_steps);
-      adamw_update(student, m1, m2, sum.optimizer_steps + 1, adam);
+      // Sums the ranks' parts over DP, clips to the global norm, updates each shard, all-gathers.
+      const double norm = optimizer.step(grads, sum.optimizer_steps + 1, adam, o.grad_clip);
+      if (!std::isfinite(norm))
+        OPDLM_FAIL("non-finite gradient norm ", norm, " at RL step ", step, " (lower optim.lr or raise optim.warmup_steps)");
       ++sum.optimizer_steps;
       ++step_updates;
       step_loss += update_loss;
-      step_rows += static_cast<int64_t>(u1 - u0);
+      step_rows += n;
       last_norm = norm;
       save_milestones(step + 1);
       if (o.max_train_tokens > 0 && bc.train_tokens() >= o.max_train_tokens) budget_reached = true;

@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "opdlm/base/error.hpp"
+#include "opdlm/base/log.hpp"
 #include "opdlm/parallel/communicator.hpp"
 #include "opdlm/parallel/process_grid.hpp"
 #include "opdlm/parallel/tree_sum.hpp"
@@ -268,6 +269,10 @@ int main(int argc, char** argv) {
   opdlm::parallel::MpiRuntime::ensure_initialized();
   int rank = 0;
   MPI_Comm_rank(MPI_COMM_WORLD, &rank);
+  opdlm::LogOptions lo;  // the training runs of test_mpi_opd.cpp log every step on every rank otherwise
+  lo.rank = rank;
+  lo.min_severity = opdlm::Severity::warning;
+  opdlm::init_logging(lo);
   if (rank != 0) delete ::testing::UnitTest::GetInstance()->listeners().Release(
       ::testing::UnitTest::GetInstance()->listeners().default_result_printer());
   int rc = RUN_ALL_TESTS();

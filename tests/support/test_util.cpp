@@ -3,6 +3,8 @@
 
 #include <nlohmann/json.hpp>
 
+#include "opdlm/io/bpe_trainer.hpp"
+#include "opdlm/io/model_file.hpp"
 #include "opdlm/io/tokenizer.hpp"
 
 #include <algorithm>
@@ -217,26 +219,71 @@ std::string tiny_bpe_tokenizer_json(const std::vector<std::pair<int, std::string
   return j.dump();
 }
 
-// ---- LocalCommunicator ----
+// ---- a tiny conversion setup ----
 
-LocalCommunicator::LocalCommunicator(int rank, int size)
-    : Communicator("local", parallel::flight_recorder()), rank_(rank), size_(size) {}
 
-void LocalCommunicator::single_rank_only(const char* op) const {
-  if (size_ != 1) ADD_FAILURE() << "LocalCommunicator of size " << size_ << " cannot run " << op;
+TinyOpdSetup make_tiny_opd_setup(const std::string& name, bool create) {
+  namespace fs = std::filesystem;
+  TinyOpdSetup s;
+  s.dir = ::testing::TempDir() + "/opdlm_opd_" + name;
+  s.tokenizer = s.dir + "/tokenizer.json";
+  s.teacher = s.dir + "/teacher.h5";
+  s.prompts = s.dir + "/prompts.jsonl";
+  s.probe = s.dir + "/probe.jsonl";
+  if (!create) return s;
+  fs::remove_all(s.dir);
+  fs::create_directories(s.dir);
+  io::BpeTrainerOptions bo;
+  bo.vocab_size = 260;
+  bo.min_frequency = 1000000;
+  io::BpeTrainer bt(bo);
+  bt.add_text("0123456789+=");
+  const io::Tokenizer tok = bt.train();
+  tok.save(s.tokenizer);
+  model::Qwen3Config c = tiny_qwen3_config(260, 32, 64, 4, 2, 8);
+  c.eos_token_id = tok.token_id("<|endoftext|>").value();
+  c.pad_token_id = c.eos_token_id;
+  c.mask_token_id = tok.token_id("<|MASK|>").value();
+  model::Qwen3Weights w(c);
+  w.init_random(5, 0.3);
+  io::save_model(s.teacher, w);
+  std::ofstream p(s.prompts);
+  for (int i = 0; i < 7; ++i)
+    p << nlohmann::json{{"id", i}, {"prompt", std::to_string(i) + "+" + std::to_string(2 * i) + "="}, {"response", std::to_string(3 * i)}}.dump() << "\n";
+  p << nlohmann::json{{"id", "empty"}, {"prompt", ""}, {"response", "0"}}.dump() << "\n";          // skipped per sample
+  p << nlohmann::json{{"id", "long"}, {"prompt", std::string(40, '7')}, {"response", "0"}}.dump() << "\n";  // > max_prompt_tokens
+  p.close();
+  std::ofstream q(s.probe);
+  for (int i = 0; i < 3; ++i) q << nlohmann::json{{"id", i}, {"prompt", std::to_string(40 + i) + "+1="}}.dump() << "\n";
+  return s;
 }
-void LocalCommunicator::do_all_reduce(void*, size_t, parallel::ElemType, parallel::ReduceOp) {
-  single_rank_only("all_reduce");
+
+train::OpdTrainOptions tiny_opd_options(const TinyOpdSetup& s, train::ConversionMode mode, const std::string& out) {
+  train::OpdTrainOptions o;
+  o.mode = mode;
+  o.teacher = s.teacher;
+  o.tokenizer = s.tokenizer;
+  o.prompts = s.prompts;
+  o.prompts_per_step = 4;
+  o.rows_per_update = 2;
+  o.max_prompt_tokens = 16;
+  o.sampler.max_new_tokens = 8;
+  o.loss.objective = mode == train::ConversionMode::rm_ce ? train::RowObjective::masked_ce : train::RowObjective::teacher_kl;
+  o.rl_steps = 3;
+  o.schedule = {1e-2, 1, 6, 0.1};
+  o.probe_prompts = s.probe;
+  o.out_dir = s.dir + "/" + out;
+  o.seed = 77;
+  return o;
 }
-void LocalCommunicator::do_reduce_scatter(const void* in, void* out, size_t n, parallel::ElemType t) {
-  single_rank_only("reduce_scatter");
-  std::memcpy(out, in, n * parallel::elem_size(t));
+
+std::vector<nlohmann::json> read_metrics_jsonl(const std::string& path) {
+  std::vector<nlohmann::json> out;
+  std::ifstream in(path);
+  std::string line;
+  while (std::getline(in, line)) out.push_back(nlohmann::json::parse(line));
+  return out;
 }
-void LocalCommunicator::do_all_gather(const void* in, void* out, size_t n, parallel::ElemType t) {
-  single_rank_only("all_gather");
-  std::memcpy(out, in, n * parallel::elem_size(t));
-}
-void LocalCommunicator::do_broadcast(void*, size_t, parallel::ElemType, int) { single_rank_only("broadcast"); }
-void LocalCommunicator::do_barrier() { single_rank_only("barrier"); }
+
 
 }  // namespace opdlm::test

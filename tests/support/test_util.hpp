@@ -14,6 +14,8 @@
 #include "opdlm/ops/mask.hpp"
 #include "opdlm/parallel/communicator.hpp"
 #include "opdlm/tensor/tensor.hpp"
+#include "opdlm/train/opd_trainer.hpp"
+#include <nlohmann/json.hpp>
 
 namespace opdlm::test {
 
@@ -75,26 +77,20 @@ Golden load_golden(const std::string& group);
 const Tensor& golden_get(const Golden& g, const std::string& name);
 std::string golden_dir();
 
-// A communicator without MPI that claims (rank, size): with size 1 every collective is the identity
-// (a copy), so one-rank code runs for real; with size > 1 it only answers rank() and size(), for
-// code that lays out shards, and any collective fails the test.
-class LocalCommunicator final : public parallel::Communicator {
- public:
-  LocalCommunicator(int rank = 0, int size = 1);
-  int rank() const override { return rank_; }
-  int size() const override { return size_; }
+using parallel::LocalCommunicator;  // the library's one-process communicator
 
- protected:
-  void do_all_reduce(void*, size_t, parallel::ElemType, parallel::ReduceOp) override;
-  void do_reduce_scatter(const void* in, void* out, size_t n, parallel::ElemType t) override;
-  void do_all_gather(const void* in, void* out, size_t n, parallel::ElemType t) override;
-  void do_broadcast(void*, size_t, parallel::ElemType, int) override;
-  void do_barrier() override;
-
- private:
-  void single_rank_only(const char* op) const;
-  int rank_, size_;
+// A tiny conversion setup in TempDir()/opdlm_opd_<name>: a byte-level tokenizer (ids 0..255 bytes,
+// 256 <|endoftext|>, ..., 259 <|MASK|>), a random 2-layer teacher, 9 arithmetic prompts of which two
+// are unusable (one empty, one longer than max_prompt_tokens) and 3 probe prompts. create = false
+// only computes the paths (other MPI ranks of a test whose rank 0 wrote the files).
+struct TinyOpdSetup {
+  std::string dir, teacher, tokenizer, prompts, probe;
 };
+TinyOpdSetup make_tiny_opd_setup(const std::string& name, bool create = true);
+// Options for a 3-RL-step run of `mode` on it into s.dir/out (4 prompts per step, 2 rows per update).
+train::OpdTrainOptions tiny_opd_options(const TinyOpdSetup& s, train::ConversionMode mode, const std::string& out);
+// Every line of a metrics.jsonl.
+std::vector<nlohmann::json> read_metrics_jsonl(const std::string& path);
 
 }  // namespace opdlm::test
 

@@ -179,80 +179,11 @@ TEST(RolloutLength, CosineRampMatchesTheReferenceSchedule) {
 
 // ---- whole conversion runs -----------------------------------------------------------------------
 
-namespace {
-
-// A byte-level tokenizer (no merges): ids 0..255 bytes, 256 <|endoftext|>, ..., 259 <|MASK|>.
-struct TinySetup {
-  std::string dir, teacher, tokenizer, prompts, probe;
-};
-
-TinySetup make_setup(const std::string& name) {
-  TinySetup s;
-  s.dir = ::testing::TempDir() + "/opdlm_opd_" + name;
-  fs::remove_all(s.dir);
-  fs::create_directories(s.dir);
-  io::BpeTrainerOptions bo;
-  bo.vocab_size = 260;
-  bo.min_frequency = 1000000;
-  io::BpeTrainer bt(bo);
-  bt.add_text("0123456789+=");
-  const io::Tokenizer tok = bt.train();
-  s.tokenizer = s.dir + "/tokenizer.json";
-  tok.save(s.tokenizer);
-  model::Qwen3Config c = test::tiny_qwen3_config(260, 32, 64, 4, 2, 8);
-  c.eos_token_id = tok.token_id("<|endoftext|>").value();
-  c.pad_token_id = c.eos_token_id;
-  c.mask_token_id = tok.token_id("<|MASK|>").value();
-  model::Qwen3Weights w(c);
-  w.init_random(5, 0.3);
-  s.teacher = s.dir + "/teacher.h5";
-  io::save_model(s.teacher, w);
-  s.prompts = s.dir + "/prompts.jsonl";
-  std::ofstream p(s.prompts);
-  for (int i = 0; i < 7; ++i)
-    p << nlohmann::json{{"id", i}, {"prompt", std::to_string(i) + "+" + std::to_string(2 * i) + "="}, {"response", std::to_string(3 * i)}}.dump() << "\n";
-  p << nlohmann::json{{"id", "empty"}, {"prompt", ""}, {"response", "0"}}.dump() << "\n";          // skipped per sample
-  p << nlohmann::json{{"id", "long"}, {"prompt", std::string(40, '7')}, {"response", "0"}}.dump() << "\n";  // > max_prompt_tokens
-  p.close();
-  s.probe = s.dir + "/probe.jsonl";
-  std::ofstream q(s.probe);
-  for (int i = 0; i < 3; ++i) q << nlohmann::json{{"id", i}, {"prompt", std::to_string(40 + i) + "+1="}}.dump() << "\n";
-  return s;
-}
-
-train::OpdTrainOptions tiny_options(const TinySetup& s, train::ConversionMode mode, const std::string& out) {
-  train::OpdTrainOptions o;
-  o.mode = mode;
-  o.teacher = s.teacher;
-  o.tokenizer = s.tokenizer;
-  o.prompts = s.prompts;
-  o.prompts_per_step = 4;
-  o.rows_per_update = 2;
-  o.max_prompt_tokens = 16;
-  o.sampler.max_new_tokens = 8;
-  o.loss.objective = mode == train::ConversionMode::rm_ce ? train::RowObjective::masked_ce : train::RowObjective::teacher_kl;
-  o.rl_steps = 3;
-  o.schedule = {1e-2, 1, 6, 0.1};
-  o.probe_prompts = s.probe;
-  o.out_dir = s.dir + "/" + out;
-  o.seed = 77;
-  return o;
-}
-
-std::vector<nlohmann::json> read_metrics(const std::string& path) {
-  std::vector<nlohmann::json> out;
-  std::ifstream in(path);
-  std::string line;
-  while (std::getline(in, line)) out.push_back(nlohmann::json::parse(line));
-  return out;
-}
-
-}  // namespace
 
 TEST(OpdTraining, ConversionStepIsBitwiseDeterministicForASeed) {
-  const TinySetup s = make_setup("det");
-  const auto a = train::run_opd_training(tiny_options(s, train::ConversionMode::opd, "a"), "test");
-  const auto b = train::run_opd_training(tiny_options(s, train::ConversionMode::opd, "b"), "test");
+  const test::TinyOpdSetup s = test::make_tiny_opd_setup("det");
+  const auto a = train::run_opd_training(test::tiny_opd_options(s, train::ConversionMode::opd, "a"), "test");
+  const auto b = train::run_opd_training(test::tiny_opd_options(s, train::ConversionMode::opd, "b"), "test");
   EXPECT_GT(a.optimizer_steps, 0);
   EXPECT_EQ(a.final_loss, b.final_loss);  // bitwise
   EXPECT_EQ(a.budget.train_tokens(), b.budget.train_tokens());
@@ -266,8 +197,8 @@ TEST(OpdTraining, ConversionStepIsBitwiseDeterministicForASeed) {
   }
   EXPECT_TRUE(moved) << "training changed nothing";
   // The metric lines agree too (apart from wall-clock fields).
-  auto ma = read_metrics(a.model_path.substr(0, a.model_path.size() - 8) + "metrics.jsonl");
-  auto mb = read_metrics(b.model_path.substr(0, b.model_path.size() - 8) + "metrics.jsonl");
+  auto ma = test::read_metrics_jsonl(a.model_path.substr(0, a.model_path.size() - 8) + "metrics.jsonl");
+  auto mb = test::read_metrics_jsonl(b.model_path.substr(0, b.model_path.size() - 8) + "metrics.jsonl");
   ASSERT_EQ(ma.size(), mb.size());
   for (size_t i = 0; i < ma.size(); ++i)
     if (ma[i]["event"] == "step") {
@@ -282,7 +213,7 @@ TEST(OpdTraining, APromptListIsReadAsOneSetInListOrder) {
   EXPECT_EQ(train::prompt_files("a.jsonl, b.jsonl"), (std::vector<std::string>{"a.jsonl", "b.jsonl"}));
   EXPECT_EQ(train::prompt_files("a.jsonl,,b"), (std::vector<std::string>{"a.jsonl", "", "b"}));  // rejected by from_config
   // The same records split over two files train bit for bit like the one file.
-  const TinySetup s = make_setup("list");
+  const test::TinyOpdSetup s = test::make_tiny_opd_setup("list");
   std::ifstream in(s.prompts);
   std::vector<std::string> lines;
   for (std::string l; std::getline(in, l);) lines.push_back(l);
@@ -292,8 +223,8 @@ TEST(OpdTraining, APromptListIsReadAsOneSetInListOrder) {
   for (size_t i = 0; i < lines.size(); ++i) (i < 4 ? f1 : f2) << lines[i] << "\n";
   f1.close();
   f2.close();
-  const auto one = train::run_opd_training(tiny_options(s, train::ConversionMode::opd, "one"), "test");
-  auto o = tiny_options(s, train::ConversionMode::opd, "two");
+  const auto one = train::run_opd_training(test::tiny_opd_options(s, train::ConversionMode::opd, "one"), "test");
+  auto o = test::tiny_opd_options(s, train::ConversionMode::opd, "two");
   o.prompts = first + " , " + second;
   const auto two = train::run_opd_training(o, "test");
   EXPECT_EQ(one.final_loss, two.final_loss);
@@ -308,10 +239,10 @@ TEST(OpdTraining, APromptListIsReadAsOneSetInListOrder) {
 }
 
 TEST(OpdTraining, EveryModeTrainsCountsItsBudgetAndSkipsBadPrompts) {
-  const TinySetup s = make_setup("modes");
+  const test::TinyOpdSetup s = test::make_tiny_opd_setup("modes");
   for (auto mode : {train::ConversionMode::opd, train::ConversionMode::rm_kl, train::ConversionMode::rm_ce}) {
     SCOPED_TRACE(train::conversion_mode_name(mode));
-    auto o = tiny_options(s, mode, train::conversion_mode_name(mode));
+    auto o = test::tiny_opd_options(s, mode, train::conversion_mode_name(mode));
     o.prompts_per_step = 3;
     o.rl_steps = 3;  // 9 draws = one epoch over the 9 records: both bad ones come up exactly once
     const auto r = train::run_opd_training(o, "test");
@@ -334,7 +265,7 @@ TEST(OpdTraining, EveryModeTrainsCountsItsBudgetAndSkipsBadPrompts) {
     EXPECT_GE(r.probe_own_kl_last, 0);
     // Skips are logged per sample with the record id and the reason.
     int skips = 0;
-    for (const auto& j : read_metrics(o.out_dir + "/metrics.jsonl"))
+    for (const auto& j : test::read_metrics_jsonl(o.out_dir + "/metrics.jsonl"))
       if (j["event"] == "skip") {
         ++skips;
         EXPECT_TRUE(j["id"] == "empty" || j["id"] == "long") << j.dump();
@@ -346,8 +277,8 @@ TEST(OpdTraining, EveryModeTrainsCountsItsBudgetAndSkipsBadPrompts) {
 }
 
 TEST(OpdTraining, TokenBudgetStopsTheRun) {
-  const TinySetup s = make_setup("budget");
-  auto o = tiny_options(s, train::ConversionMode::rm_kl, "run");
+  const test::TinyOpdSetup s = test::make_tiny_opd_setup("budget");
+  auto o = test::tiny_opd_options(s, train::ConversionMode::rm_kl, "run");
   o.rl_steps = 50;
   o.max_train_tokens = 30;
   o.save_at_tokens = {10, 20, 1000};
@@ -366,7 +297,7 @@ TEST(OpdTraining, TokenBudgetStopsTheRun) {
 }
 
 TEST(OpdTraining, ModelsWithoutMaskIdOrWithOtherVocabulariesAreRejectedByName) {
-  const TinySetup s = make_setup("badmodel");
+  const test::TinyOpdSetup s = test::make_tiny_opd_setup("badmodel");
   // No mask_token_id in the teacher's config: the error names the file and the field.
   model::Qwen3Weights w = io::load_model(s.teacher);
   model::Qwen3Config c = w.config();
@@ -375,7 +306,7 @@ TEST(OpdTraining, ModelsWithoutMaskIdOrWithOtherVocabulariesAreRejectedByName) {
   for (size_t i = 0; i < nomask.tensors().size(); ++i) nomask.tensors()[i].value = w.tensors()[i].value;
   const std::string nomask_path = s.dir + "/nomask.h5";
   io::save_model(nomask_path, nomask);
-  auto o = tiny_options(s, train::ConversionMode::opd, "nomask");
+  auto o = test::tiny_opd_options(s, train::ConversionMode::opd, "nomask");
   o.teacher = nomask_path;
   EXPECT_ERROR_HAS(train::run_opd_training(o, "test"), "nomask.h5", "mask_token_id");
   // A student whose vocabulary differs from the teacher's.
@@ -386,7 +317,7 @@ TEST(OpdTraining, ModelsWithoutMaskIdOrWithOtherVocabulariesAreRejectedByName) {
   other.init_random(1, 0.02);
   const std::string other_path = s.dir + "/other.h5";
   io::save_model(other_path, other);
-  o = tiny_options(s, train::ConversionMode::opd, "othervocab");
+  o = test::tiny_opd_options(s, train::ConversionMode::opd, "othervocab");
   o.student_init = other_path;
   EXPECT_ERROR_HAS(train::run_opd_training(o, "test"), "other.h5", "vocab_size");
   fs::remove_all(s.dir);

@@ -10,6 +10,8 @@
 #include "opdlm/base/error.hpp"
 #include "opdlm/parallel/communicator.hpp"
 #include "opdlm/parallel/process_grid.hpp"
+#include "opdlm/train/opd_trainer.hpp"
+#include "test_util.hpp"
 
 namespace {
 
@@ -201,3 +203,30 @@ TEST(FlightRecorder, KeepsTheNewestCallsAndMarksTheOneInFlight) {
 }
 
 }  // namespace
+
+// ---- the DP split of an update's rows (train/opd_trainer.hpp) ----
+
+TEST(DpRowsPerRank, PowersOfTwoDividingTheTreeWidthAreAcceptedAndTheRestRefused) {
+  EXPECT_EQ(opdlm::train::dp_rows_per_rank(1, 8, "x.ini"), 8);
+  EXPECT_EQ(opdlm::train::dp_rows_per_rank(2, 8, "x.ini"), 4);
+  EXPECT_EQ(opdlm::train::dp_rows_per_rank(8, 8, "x.ini"), 1);
+  EXPECT_EQ(opdlm::train::dp_rows_per_rank(4, 3, "x.ini"), 1);  // width 4: one slot each, the last absent
+  EXPECT_EQ(opdlm::train::dp_rows_per_rank(2, 5, "x.ini"), 4);  // width 8
+  EXPECT_ERROR_HAS(opdlm::train::dp_rows_per_rank(3, 8, "x.ini"), "x.ini", "parallel.tp", "power of two");
+  EXPECT_ERROR_HAS(opdlm::train::dp_rows_per_rank(16, 8, "x.ini"), "dividing 8", "data.rows_per_update");
+  EXPECT_ERROR_HAS(opdlm::train::dp_rows_per_rank(6, 8, "x.ini"), "parallel.tp");
+}
+
+TEST(LocalCommunicator, OneRankCopiesAndMoreRanksRefuseCollectives) {
+  opdlm::parallel::LocalCommunicator one;
+  std::vector<float> in = {1.f, 2.f}, out(2);
+  one.all_gather(std::span<const float>(in), std::span<float>(out));
+  EXPECT_EQ(out, in);
+  std::vector<double> d = {3.0};
+  one.all_reduce(std::span<double>(d));
+  EXPECT_EQ(d[0], 3.0);
+  opdlm::parallel::LocalCommunicator shard(1, 4);
+  EXPECT_EQ(shard.rank(), 1);
+  EXPECT_ERROR_HAS(shard.all_reduce(std::span<double>(d)), "size 4", "all_reduce");
+  EXPECT_THROW(opdlm::parallel::LocalCommunicator(4, 4), opdlm::Error);
+}

@@ -114,6 +114,29 @@ class Communicator {
   uint64_t seq_ = 0;
 };
 
+// ---- one process without MPI ------------------------------------------------------------------------
+
+// A communicator that claims (rank, size) without MPI. With size 1 every collective is the identity
+// (a copy), so one-process runs and unit tests go through the same code as a DP group; with size > 1
+// it only answers rank() and size() (for code that lays out shards) and any collective throws.
+class LocalCommunicator final : public Communicator {
+ public:
+  explicit LocalCommunicator(int rank = 0, int size = 1);
+  int rank() const override { return rank_; }
+  int size() const override { return size_; }
+
+ protected:
+  void do_all_reduce(void*, size_t, ElemType, ReduceOp) override;
+  void do_reduce_scatter(const void* in, void* out, size_t n, ElemType t) override;
+  void do_all_gather(const void* in, void* out, size_t n, ElemType t) override;
+  void do_broadcast(void*, size_t, ElemType, int) override;
+  void do_barrier() override;
+
+ private:
+  void single_rank_only(const char* op) const;
+  int rank_, size_;
+};
+
 // ---- MPI backend -------------------------------------------------------------------------------------
 
 // Starts MPI once per process (MPI_Init_thread, FUNNELED; a singleton world without mpirun) and
@@ -122,6 +145,9 @@ class MpiRuntime {
  public:
   static void ensure_initialized();
   static bool initialized();
+  // After an error on this rank: when MPI runs a world of more than one rank, MPI_Abort it (the other
+  // ranks would wait forever in their next collective); otherwise nothing.
+  static void abort_if_parallel(int exit_code);
 };
 
 class MpiCommunicator final : public Communicator {

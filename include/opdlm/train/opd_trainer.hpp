@@ -13,6 +13,7 @@
 #include "opdlm/diffusion/sampler.hpp"
 #include "opdlm/ops/adamw.hpp"
 #include "opdlm/ops/kl.hpp"
+#include "opdlm/parallel/communicator.hpp"
 #include "opdlm/train/lr_schedule.hpp"
 #include "opdlm/train/opd_rows.hpp"
 
@@ -69,6 +70,10 @@ struct OpdTrainOptions {
   std::string probe_prompts;  // JSONL; empty: no probe
   int64_t probe_every = 0;    // RL steps between probes (0: start and end only)
   int64_t probe_limit = 32;
+  // [parallel]: the layout (DP = world size / tp); the grid itself is given to run_opd_training
+  int tp = 1;
+  bool check_slurm_ntasks = true;
+  std::string parallel_origin;  // where parallel.tp was set (named in layout errors)
   // [run]
   std::string out_dir;
   uint32_t seed = 1234;
@@ -101,6 +106,25 @@ struct OpdTrainSummary {
   std::string model_path;
 };
 
-OpdTrainSummary run_opd_training(const OpdTrainOptions& opts, const std::string& resolved_table);
+// Where one rank of a conversion run sits in the process grid. Data parallel over `dp` (TP = 1: the
+// tensor-parallel model is not built yet). Every DP rank holds the whole student and teacher.
+struct TrainGrid {
+  parallel::Communicator* dp = nullptr;  // nullptr: one process (a LocalCommunicator)
+  bool writes_outputs = true;            // metrics.jsonl, model.h5 and checkpoints: world rank 0 only
+};
+
+// The rows of one optimizer step are the leaves of the canonical pairwise tree (parallel/tree_sum.hpp)
+// of width tree_width(rows_per_update); DP rank d computes the aligned block of rows
+// [d w, (d + 1) w) with w = width / dp, which this returns. That makes the summed gradient the same
+// bits for every DP size. Throws, naming `where` (parallel.tp and data.rows_per_update), unless dp
+// is a power of two dividing the width.
+int64_t dp_rows_per_rank(int dp, int64_t rows_per_update, const std::string& where);
+
+// The run, on one rank. Prompts are split over DP by global sample id (g % DP), each rank decodes its
+// share and the rollouts are all-gathered, so every rank builds the same rows; each rank backprops
+// its block of every update's rows into a TreeSum and ShardedAdamW (ZeRO-1) finishes the sum, the
+// norm and the update. Loss, parameters and metrics are bitwise the same for every DP size.
+OpdTrainSummary run_opd_training(const OpdTrainOptions& opts, const std::string& resolved_table,
+                                 const TrainGrid& grid = {});
 
 }  // namespace opdlm::train

@@ -1,0 +1,86 @@
+#!/usr/bin/env bash
+# opd_dp.sh OPDLM [MPIEXEC...] -- `opdlm train --mode opd` launched three ways gives the same run:
+# one process without mpirun, `mpiexec -n 2` and `mpiexec -n 4` (DP = 2, 4). Compared: the sha256 of
+# every tensor of model.h5 and every metrics line apart from wall-clock fields. Then the launch
+# refusals: DP not a power of two, parallel.tp > 1 (no tensor-parallel model yet), the srun singleton
+# trap (SLURM_NTASKS != world size) and --mode ar under mpiexec, each a non-zero exit that names the
+# field and leaves no output behind. A tiny teacher (2 layers, hidden 32) trained here; ~30 s.
+set -euo pipefail
+OPDLM=$(readlink -f "$1")
+shift
+MPIEXEC=("$@")
+[[ ${#MPIEXEC[@]} -gt 0 ]] || MPIEXEC=(mpiexec --allow-run-as-root --oversubscribe --bind-to none --mca btl self,vader)
+W=$(mktemp -d /tmp/opdlm_opd_dp.XXXXXX)
+trap '[[ -n "${KEEP:-}" ]] || rm -rf "$W"' EXIT
+cd "$W"
+fail() { echo "FAIL: $*"; exit 1; }
+export OMP_NUM_THREADS=1
+
+"$OPDLM" data arithmetic --out-dir arith --n-train 3000 --n-eval 20 --n-conversion 200 --seed 1 --max-digits 2 >/dev/null
+"$OPDLM" tokenizer train --input arith/train.txt --vocab-size 300 --out tok.json >/dev/null 2>&1
+"$OPDLM" data prepare --tokenizer tok.json --input arith/train.txt --out train.bin --append-eos >/dev/null
+read -r eos mask vocab < <(/usr/bin/python3 -c "
+import json; t = json.load(open('tok.json')); ids = {a['content']: a['id'] for a in t['added_tokens']}
+print(ids['<|endoftext|>'], ids['<|MASK|>'], max(ids.values()) + 1)")
+cat > config.json <<JSON
+{"vocab_size": $vocab, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+ "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 8, "eos_token_id": $eos,
+ "pad_token_id": $eos, "mask_token_id": $mask}
+JSON
+"$OPDLM" train --mode ar --model.config=config.json --model.tokenizer=tok.json --data.train=train.bin \
+  --data.seq_len=32 --data.batch_size=8 --optim.max_steps=30 --optim.warmup_steps=5 --optim.lr=3e-3 \
+  --run.out_dir=teacher --run.log_every=10 >/dev/null 2>teacher.log
+
+# A 4-RL-step conversion, 10 prompts per step, 8 rows per update, the probe every 2 steps.
+OPD=(train --mode opd --model.teacher=teacher/model.h5 --model.tokenizer=tok.json
+  --data.prompts=arith/conversion.jsonl --data.prompts_per_step=10 --data.rows_per_update=8
+  --rollout.max_new_tokens=8 --optim.rl_steps=4 --optim.lr=1e-3 --optim.warmup_steps=1
+  --eval.probe_prompts=arith/eval_heldout.jsonl --eval.probe_limit=6 --eval.probe_every=2 --run.seed=3)
+"$OPDLM" "${OPD[@]}" --run.out_dir=one >one.json 2>one.log || fail "one process: $(tail -3 one.log)"
+for n in 2 4; do
+  "${MPIEXEC[@]}" -n $n "$OPDLM" "${OPD[@]}" --run.out_dir=dp$n >dp$n.json 2>dp$n.log ||
+    fail "mpiexec -n $n: $(tail -3 dp$n.log)"
+done
+
+# One summary line per job (rank 0), and the same run three times.
+[[ $(wc -l < dp4.json) == 1 ]] || fail "expected one summary line from 4 ranks, got $(wc -l < dp4.json)"
+sums() { h5dump -A "$1" | grep -A10 'ATTRIBUTE "sha256"' | grep -o '"[0-9a-f]\{64\}"'; }
+[[ $(sums one/model.h5 | wc -l) -ge 10 ]] || fail "no tensor checksums read from one/model.h5"
+for d in dp2 dp4; do
+  diff <(sums one/model.h5) <(sums $d/model.h5) >/dev/null || fail "$d/model.h5 differs from the one-process run"
+done
+/usr/bin/python3 - <<'PY'
+import json
+def lines(d):
+    out = []
+    for l in open(f"{d}/metrics.jsonl"):
+        j = json.loads(l)
+        for k in ("elapsed_s", "train_tokens_per_s", "wall_s", "config", "parallel", "path"):
+            j.pop(k, None)
+        out.append(j)
+    return out
+one = lines("one")
+assert sum(j["event"] == "step" for j in one) == 4, "expected 4 step lines"
+assert sum(j["event"] == "probe" for j in one) == 3, "expected 3 probe lines"
+for d, dp in (("dp2", 2), ("dp4", 4)):
+    assert lines(d) == one, f"{d}: metrics differ from the one-process run"
+    start = json.loads(open(f"{d}/metrics.jsonl").readline())
+    assert start["parallel"] == {"tp": 1, "dp": dp, "rows_per_rank": 8 // dp}, start["parallel"]
+PY
+
+# Refusals: non-zero exit, the field named, no output folder.
+expect_refusal() {  # expect_refusal NAME PATTERN command...
+  local name=$1 pattern=$2
+  shift 2
+  if "$@" >"$name.out" 2>"$name.err"; then fail "$name: exited 0"; fi
+  grep -q -- "$pattern" "$name.err" || fail "$name: '$pattern' not in: $(head -c 600 "$name.err")"
+  [[ ! -e "$name" ]] || fail "$name: created its output folder"
+}
+expect_refusal dp3 "parallel.tp" "${MPIEXEC[@]}" -n 3 "$OPDLM" "${OPD[@]}" --run.out_dir=dp3
+grep -q "power of two" dp3.err || fail "dp3: the reason is not given"
+expect_refusal tp2 "tensor-parallel model is not built" "${MPIEXEC[@]}" -n 2 "$OPDLM" "${OPD[@]}" \
+  --parallel.tp=2 --run.out_dir=tp2
+SLURM_NTASKS=4 expect_refusal slurm "SLURM_NTASKS" "$OPDLM" "${OPD[@]}" --run.out_dir=slurm
+expect_refusal ar_np2 "OMPI_COMM_WORLD_SIZE" "${MPIEXEC[@]}" -n 2 "$OPDLM" train --mode ar --model.config=config.json \
+  --model.tokenizer=tok.json --data.train=train.bin --optim.max_steps=2 --run.out_dir=ar_np2
+echo "opd_dp: one process = DP 2 = DP 4, bit for bit; 4 refusals"
