@@ -12,6 +12,7 @@
 #include "opdlm/ops/residual.hpp"
 #include "opdlm/ops/rmsnorm.hpp"
 #include "opdlm/ops/swiglu.hpp"
+#include "opdlm/parallel/communicator.hpp"
 
 namespace opdlm::model {
 
@@ -146,8 +147,16 @@ Tensor& KVCache::v(int64_t layer) {
 
 // ---- Qwen3Model -------------------------------------------------------------------------------------
 
-Qwen3Model::Qwen3Model(Qwen3Weights weights, bool trainable)
-    : weights_(std::move(weights)), trainable_(trainable) {
+Qwen3Model::Qwen3Model(Qwen3Weights weights, bool trainable, TensorParallel tp)
+    : weights_(std::move(weights)), trainable_(trainable), tp_(std::move(tp)) {
+  if (tp_.comm) {
+    tp_.full.validate("Qwen3Model full config");
+    if (tp_.vocab_begin < 0 || tp_.vocab_real < 0 || tp_.vocab_real > weights_.config().vocab_size ||
+        tp_.vocab_begin + tp_.vocab_real > tp_.full.vocab_size)
+      OPDLM_FAIL("Qwen3Model: vocabulary rows [", tp_.vocab_begin, ", ", tp_.vocab_begin + tp_.vocab_real,
+                 ") do not fit the shard (", weights_.config().vocab_size, " rows) and the vocabulary (",
+                 tp_.full.vocab_size, ")");
+  }
   const Qwen3Config& c = weights_.config();
   c.validate("Qwen3Model config");
   if (dtype() != DType::f32 && dtype() != DType::f64)
@@ -170,7 +179,20 @@ Qwen3Model::Qwen3Model(Qwen3Weights weights, bool trainable)
                           at("self_attn.k_norm.weight"), at("post_attention_layernorm.weight"),
                           at("mlp.gate_proj.weight"), at("mlp.up_proj.weight"), at("mlp.down_proj.weight")});
   }
-  if (trainable_) grads_ = weights_.zeros_like();  // same names in the same order: same indices
+  if (trainable_) {
+    // Same names in the same order (same indices), every tensor a view of one flat buffer, so a
+    // training loop can read the whole gradient as one span (flat_grads) without copying.
+    grads_ = weights_.zeros_like();
+    int64_t total = 0;
+    for (const auto& g : grads_.tensors()) total += g.value.numel();
+    flat_grads_ = Tensor::zeros({total}, dtype());
+    int64_t off = 0;
+    for (auto& g : grads_.tensors()) {
+      const int64_t n = g.value.numel();
+      g.value = flat_grads_.slice(off, off + n).view(g.value.shape());
+      off += n;
+    }
+  }
 }
 
 Qwen3Weights& Qwen3Model::grads() {
@@ -179,8 +201,43 @@ Qwen3Weights& Qwen3Model::grads() {
 }
 
 void Qwen3Model::zero_grads() {
-  for (auto& t : grads().tensors()) t.value.zero();
+  if (!trainable_) grads();  // the error
+  flat_grads_.zero();
 }
+
+std::span<float> Qwen3Model::flat_grads() {
+  if (!trainable_) grads();
+  OPDLM_CHECK(dtype() == DType::f32, "flat_grads: f32 models only");
+  return {flat_grads_.data<float>(), size_t(flat_grads_.numel())};
+}
+
+void Qwen3Model::tp_sum(Tensor& t) const {
+  if (!tp_.comm) return;
+  if (t.dtype() == DType::f32) tp_.comm->all_reduce_tree(std::span<float>(t.data<float>(), size_t(t.numel())));
+  else tp_.comm->all_reduce_tree(std::span<double>(t.data<double>(), size_t(t.numel())));
+}
+
+Tensor Qwen3Model::local_ids(const Tensor& ids, std::vector<uint8_t>& inside) const {
+  Tensor out = ids.clone();
+  int32_t* p = out.data<int32_t>();
+  inside.assign(size_t(out.numel()), 0);
+  for (int64_t i = 0; i < out.numel(); ++i) {
+    const int64_t v = int64_t{p[i]} - tp_.vocab_begin;
+    inside[size_t(i)] = v >= 0 && v < tp_.vocab_real;
+    p[i] = inside[size_t(i)] ? static_cast<int32_t>(v) : 0;
+  }
+  return out;
+}
+
+namespace {
+// Zeroes rows i of the 2-D tensor t where keep[i] == 0.
+void zero_rows(Tensor& t, const std::vector<uint8_t>& keep) {
+  const size_t row = static_cast<size_t>(t.size(1)) * dtype_size(t.dtype());
+  auto* p = static_cast<char*>(t.raw_data());
+  for (size_t i = 0; i < keep.size(); ++i)
+    if (!keep[i]) std::memset(p + i * row, 0, row);
+}
+}  // namespace
 
 Tensor Qwen3Model::last_rows(int64_t batch, int64_t tokens) {
   std::vector<int32_t> r;
@@ -203,7 +260,7 @@ Tensor Qwen3Model::run(const Tensor& ids, const Tensor& positions, std::span<con
   const Qwen3Config& c = config();
   const int64_t Hq = c.num_attention_heads, Hkv = c.num_key_value_heads, hd = c.head_dim;
   const double eps = c.rms_norm_eps, scale = 1.0 / std::sqrt(double(hd));
-  check_tokens(ids, positions, c.vocab_size);
+  check_tokens(ids, positions, full_config().vocab_size);
   const int64_t B = ids.size(0), T = ids.size(1), n = B * T;
   check_mask_count(masks, B);
   check_rows(rows, n);
@@ -235,7 +292,15 @@ Tensor Qwen3Model::run(const Tensor& ids, const Tensor& positions, std::span<con
   }
 
   ops::RopeTable rope = ops::rope_table(positions.view({n}), hd, c.rope_theta, dtype());
-  Tensor x = ops::embedding_forward(w(embed_idx_), ids.view({n}));
+  Tensor x;
+  if (tp_.comm) {  // vocab-parallel lookup: rows outside this shard are 0 before the sum
+    std::vector<uint8_t> inside;
+    x = ops::embedding_forward(w(embed_idx_), local_ids(ids.view({n}), inside));
+    zero_rows(x, inside);
+    tp_sum(x);
+  } else {
+    x = ops::embedding_forward(w(embed_idx_), ids.view({n}));
+  }
   if (acts) {
     acts->batch = B;
     acts->tokens = T;
@@ -280,7 +345,8 @@ Tensor Qwen3Model::run(const Tensor& ids, const Tensor& positions, std::span<con
         std::memcpy(static_cast<char*>(a.attn.raw_data()) + b * row_bytes, ob.raw_data(), row_bytes);
       }
     }
-    const Tensor o = ops::linear_forward(a.attn.view({n, Hq * hd}), w(L.o_proj));
+    Tensor o = ops::linear_forward(a.attn.view({n, Hq * hd}), w(L.o_proj));
+    tp_sum(o);  // row-parallel o_proj: partial sums over the heads of each rank
     // Without saved activations the stream is updated in place.
     if (acts) {
       a.x_mid = ops::residual_forward(x, o);
@@ -293,7 +359,8 @@ Tensor Qwen3Model::run(const Tensor& ids, const Tensor& positions, std::span<con
     const Tensor h2 = ops::rmsnorm_forward(a.x_mid, w(L.post_norm), eps, &a.rstd_mid);
     a.gate = ops::linear_forward(h2, w(L.gate_proj));
     a.up = ops::linear_forward(h2, w(L.up_proj));
-    const Tensor d = ops::linear_forward(ops::swiglu_forward(a.gate, a.up), w(L.down_proj));
+    Tensor d = ops::linear_forward(ops::swiglu_forward(a.gate, a.up), w(L.down_proj));
+    tp_sum(d);  // row-parallel down_proj
     if (acts) {
       x = ops::residual_forward(a.x_mid, d);
     } else {
@@ -307,7 +374,7 @@ Tensor Qwen3Model::run(const Tensor& ids, const Tensor& positions, std::span<con
   Tensor xf = rows.defined() ? gather_rows(x, rows) : x;
   Tensor rstd;
   Tensor hf = ops::rmsnorm_forward(xf, w(norm_idx_), eps, &rstd);
-  Tensor logits = ops::linear_forward(hf, w(head_idx_));
+  Tensor logits = ops::linear_forward(hf, tp_.comm ? w(head_idx_).slice(0, tp_.vocab_real) : w(head_idx_));
   if (acts) {
     acts->x_final = xf;
     acts->rstd_final = rstd;
@@ -329,14 +396,20 @@ void Qwen3Model::backward(const Qwen3Activations& acts, const Tensor& dlogits) {
                dtype_name(dtype()));
   expect_float_cpu(dlogits, "dlogits");
   expect_dtype(dlogits, "dlogits", {dtype()});
-  expect_shape(dlogits, "dlogits", {acts.h_final.size(0), c.vocab_size}, "logit rows of the forward x vocabulary");
+  expect_shape(dlogits, "dlogits", {acts.h_final.size(0), logit_columns()}, "logit rows of the forward x vocabulary");
   const int64_t B = acts.batch, T = acts.tokens, n = B * T;
   const std::span<const MaskDescriptor> masks(acts.masks);
   auto g = [&](int64_t i) -> Tensor& { return grads_.tensors()[size_t(i)].value; };
 
   // LM head and final norm (the head's gradient lands in the embedding's when tied).
   Tensor dh, dxf;
-  ops::linear_backward(acts.h_final, w(head_idx_), dlogits, &dh, &g(head_idx_));
+  if (tp_.comm) {  // vocab-parallel head: the real rows of the shard; dh is a partial sum
+    Tensor gh = g(head_idx_).slice(0, tp_.vocab_real);
+    ops::linear_backward(acts.h_final, w(head_idx_).slice(0, tp_.vocab_real), dlogits, &dh, &gh);
+    tp_sum(dh);
+  } else {
+    ops::linear_backward(acts.h_final, w(head_idx_), dlogits, &dh, &g(head_idx_));
+  }
   ops::rmsnorm_backward(acts.x_final, w(norm_idx_), acts.rstd_final, dh, &dxf, &g(norm_idx_));
   Tensor dx = acts.rows.defined() ? scatter_rows(dxf, acts.rows, n) : dxf;  // stream gradient [n, H]
 
@@ -352,6 +425,7 @@ void Qwen3Model::backward(const Qwen3Activations& acts, const Tensor& dlogits) {
     ops::linear_backward(h2, w(L.gate_proj), dgate, &dh2, &g(L.gate_proj));
     ops::linear_backward(h2, w(L.up_proj), dup, nullptr, &g(L.up_proj));
     ops::matmul(dup, false, w(L.up_proj), false, dh2, 1, 1);  // dh2 += dup @ W_up
+    tp_sum(dh2);  // column-parallel gate/up: each rank's FFN slice contributes
     ops::rmsnorm_backward(a.x_mid, w(L.post_norm), a.rstd_mid, dh2, &dxm, &g(L.post_norm));
     ops::residual_backward(dxm, dx);
 
@@ -362,8 +436,18 @@ void Qwen3Model::backward(const Qwen3Activations& acts, const Tensor& dlogits) {
     Tensor dqr = dq.view({n, Hq, hd}), dkr = dk.view({n, Hkv, hd});
     ops::rope_inplace(dqr, acts.rope, /*inverse=*/true);
     ops::rope_inplace(dkr, acts.rope, /*inverse=*/true);
-    ops::rmsnorm_backward(a.q_pre, w(L.q_norm), a.q_rstd, dq.view({n * Hq, hd}), &dq_pre, &g(L.q_norm));
-    ops::rmsnorm_backward(a.k_pre, w(L.k_norm), a.k_rstd, dk.view({n * Hkv, hd}), &dk_pre, &g(L.k_norm));
+    if (tp_.comm) {  // the q/k norm gains are shared by every head: sum the ranks' head subsets
+      Tensor gq = Tensor::zeros(w(L.q_norm).shape(), dtype()), gk = Tensor::zeros(w(L.k_norm).shape(), dtype());
+      ops::rmsnorm_backward(a.q_pre, w(L.q_norm), a.q_rstd, dq.view({n * Hq, hd}), &dq_pre, &gq);
+      ops::rmsnorm_backward(a.k_pre, w(L.k_norm), a.k_rstd, dk.view({n * Hkv, hd}), &dk_pre, &gk);
+      tp_sum(gq);
+      tp_sum(gk);
+      ops::residual_add_inplace(g(L.q_norm), gq);
+      ops::residual_add_inplace(g(L.k_norm), gk);
+    } else {
+      ops::rmsnorm_backward(a.q_pre, w(L.q_norm), a.q_rstd, dq.view({n * Hq, hd}), &dq_pre, &g(L.q_norm));
+      ops::rmsnorm_backward(a.k_pre, w(L.k_norm), a.k_rstd, dk.view({n * Hkv, hd}), &dk_pre, &g(L.k_norm));
+    }
     const Tensor h1 = ops::rmsnorm_forward(a.x_in, w(L.input_norm), eps);
     const Tensor dqf = dq_pre.view({n, Hq * hd}), dkf = dk_pre.view({n, Hkv * hd}), dvf = dv.view({n, Hkv * hd});
     ops::linear_backward(h1, w(L.q_proj), dqf, &dh1, &g(L.q_proj));
@@ -371,10 +455,18 @@ void Qwen3Model::backward(const Qwen3Activations& acts, const Tensor& dlogits) {
     ops::linear_backward(h1, w(L.v_proj), dvf, nullptr, &g(L.v_proj));
     ops::matmul(dkf, false, w(L.k_proj), false, dh1, 1, 1);  // dh1 += dk @ W_k + dv @ W_v
     ops::matmul(dvf, false, w(L.v_proj), false, dh1, 1, 1);
+    tp_sum(dh1);  // column-parallel q/k/v
     ops::rmsnorm_backward(a.x_in, w(L.input_norm), a.rstd_in, dh1, &dxi, &g(L.input_norm));
     ops::residual_backward(dxi, dx);
   }
-  ops::embedding_backward(acts.ids, dx, g(embed_idx_));
+  if (tp_.comm) {  // only the ids of this rank's vocabulary rows
+    std::vector<uint8_t> inside;
+    const Tensor ids = local_ids(acts.ids, inside);
+    zero_rows(dx, inside);
+    ops::embedding_backward(ids, dx, g(embed_idx_));
+  } else {
+    ops::embedding_backward(acts.ids, dx, g(embed_idx_));
+  }
 }
 
 // ---- FLOPs ------------------------------------------------------------------------------------------

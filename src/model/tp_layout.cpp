@@ -1,6 +1,9 @@
 // tp_shard_shapes and the closed-form memory per rank.
 #include "opdlm/model/tp_layout.hpp"
 
+#include <algorithm>
+#include <cstring>
+
 #include "opdlm/base/error.hpp"
 
 namespace opdlm::model {
@@ -45,6 +48,109 @@ RankMemory memory_per_rank(const Qwen3Config& c, const parallel::TpPlan& p, int 
   m.adam_bytes = 8 * shard;
   m.zero1_step_bytes = 4 * (2 * int64_t{dp} + 2) * shard;
   return m;
+}
+
+// ---- sharding -------------------------------------------------------------------------------------
+
+VocabRange vocab_range(const Qwen3Config& c, const parallel::TpPlan& p, int rank) {
+  OPDLM_CHECK(rank >= 0 && rank < p.tp, "vocab_range: rank ", rank, " of tp ", p.tp);
+  const int64_t begin = int64_t{rank} * p.vocab_per_rank;
+  return {begin, std::clamp<int64_t>(c.vocab_size - begin, 0, p.vocab_per_rank)};
+}
+
+Qwen3Config shard_config(const Qwen3Config& c, const parallel::TpPlan& p) {
+  Qwen3Config s = c;
+  s.num_attention_heads = p.heads_per_rank;
+  s.num_key_value_heads = p.kv_heads_per_rank;
+  s.intermediate_size = p.ffn_per_rank;
+  s.vocab_size = p.vocab_per_rank;
+  s.bos_token_id = s.eos_token_id = s.pad_token_id = s.mask_token_id = -1;
+  return s;
+}
+
+namespace {
+
+enum class Cut { rows, cols, none };
+
+// How tensor `name` is cut over TP, and the full extent of the cut dimension per rank.
+Cut cut_of(const std::string& name) {
+  auto ends = [&](const char* s) { return name.size() >= std::strlen(s) && name.compare(name.size() - std::strlen(s), std::string::npos, s) == 0; };
+  if (ends("embed_tokens.weight") || ends("lm_head.weight") || ends("q_proj.weight") || ends("k_proj.weight") ||
+      ends("v_proj.weight") || ends("gate_proj.weight") || ends("up_proj.weight"))
+    return Cut::rows;
+  if (ends("o_proj.weight") || ends("down_proj.weight")) return Cut::cols;
+  return Cut::none;
+}
+
+bool is_vocab(const std::string& name) {
+  return name == "model.embed_tokens.weight" || name == "lm_head.weight";
+}
+
+// Copies rows [r0, r0 + nr) of src (2-D) into rows [d0, d0 + nr) of dst, or columns likewise.
+void copy_block(const Tensor& src, Tensor& dst, Cut cut, int64_t s0, int64_t d0, int64_t n) {
+  const int64_t es = static_cast<int64_t>(dtype_size(src.dtype()));
+  const auto* s = static_cast<const char*>(src.raw_data());
+  auto* d = static_cast<char*>(dst.raw_data());
+  if (cut == Cut::rows) {
+    const int64_t row = src.size(1) * es;
+    std::memcpy(d + d0 * row, s + s0 * row, size_t(n * row));
+  } else {
+    for (int64_t i = 0; i < src.size(0); ++i)
+      std::memcpy(d + (i * dst.size(1) + d0) * es, s + (i * src.size(1) + s0) * es, size_t(n * es));
+  }
+}
+
+void refuse_kv_replication(const parallel::TpPlan& p) {
+  if (p.kv_replication > 1)
+    OPDLM_FAIL("tensor parallel: tp = ", p.tp, " exceeds num_key_value_heads (KV heads replicated on ",
+               p.kv_replication, " ranks), which the TP model does not support yet; use tp <= num_key_value_heads");
+}
+
+}  // namespace
+
+Qwen3Weights shard_weights(const Qwen3Weights& full, const parallel::TpPlan& p, int rank) {
+  refuse_kv_replication(p);
+  const Qwen3Config& c = full.config();
+  Qwen3Weights out(shard_config(c, p), full.dtype());
+  const VocabRange vr = vocab_range(c, p, rank);
+  for (size_t i = 0; i < out.tensors().size(); ++i) {
+    auto& dst = out.tensors()[i];
+    const Tensor& src = full.get(dst.name);
+    dst.value.zero();
+    const Cut cut = cut_of(dst.name);
+    if (cut == Cut::none) {
+      std::memcpy(dst.value.raw_data(), src.raw_data(), size_t(src.nbytes()));
+    } else if (is_vocab(dst.name)) {
+      copy_block(src, dst.value, Cut::rows, vr.begin, 0, vr.real);
+    } else {
+      const int64_t n = cut == Cut::rows ? dst.value.size(0) : dst.value.size(1);
+      copy_block(src, dst.value, cut, int64_t{rank} * n, 0, n);
+    }
+  }
+  return out;
+}
+
+Qwen3Weights unshard_weights(const std::vector<const Qwen3Weights*>& shards, const Qwen3Config& c,
+                             const parallel::TpPlan& p) {
+  refuse_kv_replication(p);
+  OPDLM_CHECK(static_cast<int>(shards.size()) == p.tp, "unshard_weights: ", shards.size(), " shards for tp ", p.tp);
+  Qwen3Weights out(c, shards[0]->dtype());
+  for (auto& dst : out.tensors()) {
+    const Cut cut = cut_of(dst.name);
+    for (int r = 0; r < p.tp; ++r) {
+      const Tensor& src = shards[size_t(r)]->get(dst.name);
+      if (cut == Cut::none) {
+        if (r == 0) std::memcpy(dst.value.raw_data(), src.raw_data(), size_t(src.nbytes()));
+      } else if (is_vocab(dst.name)) {
+        const VocabRange vr = vocab_range(c, p, r);
+        copy_block(src, dst.value, Cut::rows, 0, vr.begin, vr.real);
+      } else {
+        const int64_t n = cut == Cut::rows ? src.size(0) : src.size(1);
+        copy_block(src, dst.value, cut, 0, int64_t{r} * n, n);  // out of the shard, into rank r's block
+      }
+    }
+  }
+  return out;
 }
 
 }  // namespace opdlm::model

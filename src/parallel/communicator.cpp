@@ -155,6 +155,23 @@ void Communicator::barrier() {
   recorded(CollectiveOp::barrier, 0, [&] { do_barrier(); });
 }
 
+namespace {
+template <class T>
+void tree_all_reduce(Communicator& c, std::span<T> buf) {
+  const size_t n = buf.size(), p = static_cast<size_t>(c.size());
+  if (p == 1) return;  // one rank: the sum is the value
+  const size_t chunk = (n + p - 1) / p;
+  std::vector<T> in(chunk * p, T(0)), mine(chunk), all(chunk * p);
+  std::copy(buf.begin(), buf.end(), in.begin());
+  c.reduce_scatter(std::span<const T>(in), std::span<T>(mine));
+  c.all_gather(std::span<const T>(mine), std::span<T>(all));
+  std::copy(all.begin(), all.begin() + static_cast<std::ptrdiff_t>(n), buf.begin());
+}
+}  // namespace
+
+void Communicator::all_reduce_tree(std::span<float> buf) { tree_all_reduce(*this, buf); }
+void Communicator::all_reduce_tree(std::span<double> buf) { tree_all_reduce(*this, buf); }
+
 // ---- LocalCommunicator --------------------------------------------------------------------------------
 
 LocalCommunicator::LocalCommunicator(int rank, int size) : Communicator("local", flight_recorder()), rank_(rank), size_(size) {
@@ -268,6 +285,10 @@ void MpiCommunicator::do_all_reduce(void* buf, size_t count, ElemType type, Redu
 // and match one process summing the same parts by the same tree. Same bytes on the wire as a
 // reduce-scatter by pairwise exchange; one extra chunk-sized buffer per rank.
 void MpiCommunicator::do_reduce_scatter(const void* in, void* out, size_t count_per_rank, ElemType type) {
+  if (size_ == 1) {  // the sum of one part is the part (a one-rank DP group: no model-sized copies)
+    std::memcpy(out, in, count_per_rank * elem_size(type));
+    return;
+  }
   const int n = mpi_count(count_per_rank, "reduce_scatter");
   std::vector<char> parts(static_cast<size_t>(size_) * count_per_rank * elem_size(type));
   MPI_CHECK(MPI_Alltoall(in, n, mpi_type(type), parts.data(), n, mpi_type(type), comm_));
@@ -280,6 +301,10 @@ void MpiCommunicator::do_reduce_scatter(const void* in, void* out, size_t count_
 }
 
 void MpiCommunicator::do_all_gather(const void* in, void* out, size_t count_per_rank, ElemType type) {
+  if (size_ == 1) {
+    std::memcpy(out, in, count_per_rank * elem_size(type));
+    return;
+  }
   const int n = mpi_count(count_per_rank, "all_gather");
   MPI_CHECK(MPI_Allgather(in, n, mpi_type(type), out, n, mpi_type(type), comm_));
 }

@@ -1,6 +1,8 @@
 // TreeSum: the canonical pairwise-tree sum of per-row gradients, streamed through a binary counter.
 #include "opdlm/parallel/tree_sum.hpp"
 
+#include <algorithm>
+
 #include "opdlm/base/error.hpp"
 
 namespace opdlm::parallel {
@@ -20,7 +22,9 @@ void TreeSum::add(int64_t index, std::span<const float> leaf) {
   OPDLM_CHECK(index > last_ && index < width_, "TreeSum leaf ", index, " after ", last_, " (width ", width_, ")");
   OPDLM_CHECK(leaf.size() == len_, "TreeSum leaf of ", leaf.size(), " floats, expected ", len_);
   settle(index);
-  stack_.push_back({index, 0, std::vector<float>(leaf.begin(), leaf.end())});
+  std::vector<float> buf = take();
+  std::copy(leaf.begin(), leaf.end(), buf.begin());
+  stack_.push_back({index, 0, std::move(buf)});
   last_ = index;
   peak_ = std::max(peak_, stack_.size());
   settle(index + 1);
@@ -45,6 +49,7 @@ void TreeSum::settle(int64_t next) {
       if (b.start == t.start - size && b.level == t.level) {
         for (size_t i = 0; i < len_; ++i) b.value[i] = b.value[i] + t.value[i];
         ++b.level;
+        pool_.push_back(std::move(t.value));
         stack_.pop_back();
         continue;
       }
@@ -56,12 +61,30 @@ void TreeSum::settle(int64_t next) {
   }
 }
 
-std::vector<float> TreeSum::finish() {
+std::vector<float> TreeSum::take() {
+  if (pool_.empty()) return std::vector<float>(len_);
+  std::vector<float> b = std::move(pool_.back());
+  pool_.pop_back();
+  return b;
+}
+
+void TreeSum::finish_into(std::span<float> out) {
+  OPDLM_CHECK(out.size() == len_, "TreeSum::finish_into: ", out.size(), " floats, expected ", len_);
   settle(width_);
-  if (stack_.empty()) return std::vector<float>(len_, 0.0f);
-  OPDLM_CHECK(stack_.size() == 1 && (int64_t{1} << stack_[0].level) == width_, "TreeSum: unfinished tree");
-  std::vector<float> out = std::move(stack_[0].value);
-  stack_.clear();
+  if (stack_.empty()) {
+    std::fill(out.begin(), out.end(), 0.0f);
+  } else {
+    OPDLM_CHECK(stack_.size() == 1 && (int64_t{1} << stack_[0].level) == width_, "TreeSum: unfinished tree");
+    std::copy(stack_[0].value.begin(), stack_[0].value.end(), out.begin());
+    pool_.push_back(std::move(stack_[0].value));
+    stack_.clear();
+  }
+  last_ = -1;
+}
+
+std::vector<float> TreeSum::finish() {
+  std::vector<float> out(len_);
+  finish_into(out);
   return out;
 }
 

@@ -74,7 +74,10 @@ double ShardedAdamW::step(const std::vector<const Tensor*>& grads, int64_t step,
   const size_t P = size_t(padded_);
 
   // ---- sum the parts over DP into this rank's shard (rank r's units packed at r * P) ----
-  std::vector<float> send(size_t(dp) * P, 0.0f), shard(P);
+  std::vector<float>& send = send_;
+  std::vector<float>& shard = shard_;
+  send.assign(size_t(dp) * P, 0.0f);
+  shard.resize(P);
   for (int r = 0; r < dp; ++r) {
     size_t off = size_t(r) * P;
     for (size_t u = first_[size_t(r)]; u < first_[size_t(r) + 1]; ++u) {
@@ -129,7 +132,10 @@ double ShardedAdamW::step(const std::vector<const Tensor*>& grads, int64_t step,
   }
 
   // ---- every rank gets every updated parameter ----
-  std::vector<float> own(P, 0.0f), gathered(size_t(dp) * P);
+  std::vector<float>& own = own_;
+  std::vector<float>& gathered = gathered_;
+  own.assign(P, 0.0f);
+  gathered.resize(size_t(dp) * P);
   {
     size_t off = 0;
     for (size_t u = first_[size_t(me)]; u < first_[size_t(me) + 1]; ++u) {

@@ -300,22 +300,6 @@ std::vector<diffusion::Rollout> shared_bd_generate(const model::Qwen3Model& stud
   return all;
 }
 
-// The flat gradient of every student tensor, in tensor order, and back.
-void flatten_grads(const model::Qwen3Weights& g, std::vector<float>& flat) {
-  size_t off = 0;
-  for (const auto& t : g.tensors()) {
-    std::memcpy(flat.data() + off, t.value.data<float>(), size_t(t.value.numel()) * sizeof(float));
-    off += size_t(t.value.numel());
-  }
-}
-void unflatten_grads(std::span<const float> flat, model::Qwen3Weights& g) {
-  size_t off = 0;
-  for (auto& t : g.tensors()) {
-    std::memcpy(t.value.data<float>(), flat.data() + off, size_t(t.value.numel()) * sizeof(float));
-    off += size_t(t.value.numel());
-  }
-}
-
 }  // namespace
 
 int64_t dp_rows_per_rank(int dp, int64_t rows_per_update, const std::string& where) {
@@ -446,7 +430,8 @@ OpdTrainSummary run_opd_training(const OpdTrainOptions& o, const std::string& re
   parallel::ShardedAdamW optimizer(params, no_decay, dp);
   std::vector<const Tensor*> grads;
   for (auto& t : student.grads().tensors()) grads.push_back(&t.value);
-  std::vector<float> leaf(static_cast<size_t>(cfg.num_params()));
+  // One TreeSum for the run: its buffers are reused by every update.
+  parallel::TreeSum tree(student.flat_grads().size(), rows_per_rank);
   model::Qwen3Activations acts;
   const auto t0 = std::chrono::steady_clock::now();
   auto elapsed = [&] { return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count(); };
@@ -620,7 +605,6 @@ OpdTrainSummary run_opd_training(const OpdTrainOptions& o, const std::string& re
       // This rank's aligned block of the update's rows: per-row gradients are the leaves of the
       // canonical tree (absent rows are +0), so the sum does not depend on the DP size.
       const int64_t k0 = dp.rank() * rows_per_rank, k1 = std::min(n, k0 + rows_per_rank);
-      parallel::TreeSum tree(leaf.size(), rows_per_rank);
       // Per row slot: loss * scale, loss positions, student forward and backward FLOPs. Each slot is
       // filled by one rank, so the all-reduce sums it with zeros only: exact in any order.
       std::vector<double> slot(size_t(4 * n), 0.0);
@@ -631,14 +615,13 @@ OpdTrainSummary run_opd_training(const OpdTrainOptions& o, const std::string& re
           tlp = teacher_logprobs(*teacher, r.row.prompt, r.row.x0, loss_positions(r.row, spec));
         student.zero_grads();
         const RowLoss l = row_loss(student, tlp, r.row, spec, scale, acts);
-        flatten_grads(student.grads(), leaf);
-        tree.add(k - k0, leaf);
+        tree.add(k - k0, student.flat_grads());
         slot[size_t(4 * k)] = l.loss * scale;
         slot[size_t(4 * k + 1)] = static_cast<double>(l.loss_positions);
         slot[size_t(4 * k + 2)] = l.student_forward_flops;
         slot[size_t(4 * k + 3)] = l.student_backward_flops;
       }
-      unflatten_grads(tree.finish(), student.grads());
+      tree.finish_into(student.flat_grads());
       dp.all_reduce(std::span<double>(slot));
       // Counters of every row of the update, in row order (the same sums on every rank).
       double update_loss = 0;

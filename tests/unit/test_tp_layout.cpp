@@ -98,3 +98,48 @@ TEST(TpLayout, Zero1AdamBytesAreWhatShardedAdamWHolds) {
 }
 
 }  // namespace
+
+// Real shards (shard_weights, what the TP model is built from): the shapes tp_shard_shapes names, an
+// allocation equal to memory_per_rank's parameter count, zero pad rows, and unshard_weights gives
+// the original bits back. A plan that replicates KV heads is refused by name.
+TEST(TpLayout, RealShardsHaveTheLayoutAndUnshardIsTheInverse) {
+  const model::Qwen3Config c = test::tiny_qwen3_config(66, 32, 64, 4, 4, 8);  // 66: padded at TP 4
+  model::Qwen3Weights full(c);
+  full.init_random(9, 0.3);
+  for (int tp : {1, 2, 4}) {
+    SCOPED_TRACE("tp " + std::to_string(tp));
+    const parallel::TpPlan plan = plan_for(c, tp);
+    std::vector<model::Qwen3Weights> shards;
+    int64_t real_rows = 0;
+    for (int r = 0; r < tp; ++r) {
+      shards.push_back(model::shard_weights(full, plan, r));
+      const auto want = model::tp_shard_shapes(c, plan);
+      const auto& got = shards.back().tensors();
+      ASSERT_EQ(got.size(), want.size());
+      int64_t numel = 0;
+      for (size_t i = 0; i < got.size(); ++i) {
+        EXPECT_EQ(got[i].name, want[i].first);
+        EXPECT_EQ(got[i].value.shape(), want[i].second) << got[i].name;
+        numel += got[i].value.numel();
+      }
+      EXPECT_EQ(numel, model::memory_per_rank(c, plan, 1).params);
+      const model::VocabRange vr = model::vocab_range(c, plan, r);
+      real_rows += vr.real;
+      const Tensor& emb = shards.back().get("model.embed_tokens.weight");
+      for (int64_t i = vr.real * c.hidden_size; i < emb.numel(); ++i) ASSERT_EQ(emb.item(i), 0.0) << "pad row element " << i;
+    }
+    EXPECT_EQ(real_rows, c.vocab_size);
+    std::vector<const model::Qwen3Weights*> ptrs;
+    for (const auto& s : shards) ptrs.push_back(&s);
+    const model::Qwen3Weights back = model::unshard_weights(ptrs, c, plan);
+    for (size_t i = 0; i < full.tensors().size(); ++i) {
+      const Tensor& a = full.tensors()[i].value;
+      const Tensor& b = back.tensors()[i].value;
+      ASSERT_EQ(a.shape(), b.shape());
+      EXPECT_EQ(a.to_f32_vector(), b.to_f32_vector()) << full.tensors()[i].name;
+    }
+  }
+  const model::Qwen3Config narrow = test::tiny_qwen3_config(64, 32, 64, 4, 2, 8);
+  model::Qwen3Weights w(narrow);
+  EXPECT_ERROR_HAS(model::shard_weights(w, plan_for(narrow, 4), 0), "num_key_value_heads", "replicated");
+}

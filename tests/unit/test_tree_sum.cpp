@@ -89,6 +89,26 @@ TEST(TreeSum, AlignedBlocksCombinedByTheTreeGiveTheSameBitsAsOneProcess) {
   }
 }
 
+// A training loop keeps one TreeSum and reuses its buffers: every sum equals a fresh TreeSum's, and
+// no more than log2(width) + 1 buffers are ever made.
+TEST(TreeSum, OneTreeSumReusedGivesTheBitsOfFreshOnes) {
+  const size_t len = 9;
+  const int64_t width = 8;
+  TreeSum reused(len, width);
+  std::mt19937 gen(3);
+  for (int round = 0; round < 6; ++round) {
+    const auto leaves = make_leaves(width, len, 20 + round);
+    std::vector<bool> present(static_cast<size_t>(width));
+    for (int64_t i = 0; i < width; ++i) present[size_t(i)] = round == 5 ? false : gen() % 3 != 0;
+    for (int64_t i = 0; i < width; ++i)
+      if (present[size_t(i)]) reused.add(i, leaves[size_t(i)]);
+    std::vector<float> got(len, 7.0f);
+    reused.finish_into(got);
+    ASSERT_TRUE(same_bits(got, tree_sum_reference(leaves, present, len, width))) << "round " << round;
+  }
+  EXPECT_LE(reused.peak_buffers(), 4u);
+}
+
 TEST(TreeSum, MisuseIsAnError) {
   EXPECT_THROW(TreeSum(4, 3), opdlm::Error);  // not a power of two
   TreeSum ts(2, 4);

@@ -13,7 +13,23 @@
 #include "opdlm/ops/rope.hpp"
 #include "opdlm/tensor/tensor.hpp"
 
+namespace opdlm::parallel {
+class Communicator;
+}
+
 namespace opdlm::model {
+
+// Tensor parallelism (Megatron layout, model/tp_layout.hpp): the model holds one TP rank's shard of
+// the weights (shard_weights; the weights' config is shard_config) and sums partial results over the
+// TP group with Communicator::all_reduce_tree, so every rank of the group holds the same bits:
+// forward after the vocab-parallel embedding, o_proj and down_proj; backward after the LM head, the
+// gate/up and the q/k/v input gradients, and for the q/k norm gains (shared by heads on every rank).
+// Logits stay vocab-parallel: rank r returns the columns [vocab_begin, vocab_begin + vocab_real).
+struct TensorParallel {
+  parallel::Communicator* comm = nullptr;  // the TP group; nullptr: the whole model on one rank
+  Qwen3Config full;                        // the unsharded config (vocabulary, special token ids)
+  int64_t vocab_begin = 0, vocab_real = 0;
+};
 
 // What one decoder layer's backward needs (n = B*T token rows). Cheap intermediates (the two norm
 // outputs, the SwiGLU product) are recomputed in the backward instead of kept.
@@ -73,11 +89,17 @@ class Qwen3Model {
   // Takes `weights` (handles: the model shares their storage; work on them through weights()).
   // trainable = false: a frozen teacher, no gradient buffers. trainable = true: a student whose
   // gradients (zeros_like of the weights) are ACCUMULATED by backward() until zero_grads().
-  Qwen3Model(Qwen3Weights weights, bool trainable);
+  Qwen3Model(Qwen3Weights weights, bool trainable, TensorParallel tp = {});
   static Qwen3Model teacher(Qwen3Weights weights) { return Qwen3Model(std::move(weights), false); }
   static Qwen3Model student(Qwen3Weights weights) { return Qwen3Model(std::move(weights), true); }
 
+  // The weights' config: the shard's under tensor parallelism (heads, FFN, vocabulary per rank).
   const Qwen3Config& config() const { return weights_.config(); }
+  // The whole model's config (= config() without tensor parallelism).
+  const Qwen3Config& full_config() const { return tp_.comm ? tp_.full : weights_.config(); }
+  const TensorParallel& tensor_parallel() const { return tp_; }
+  // Logit columns this rank returns: the real vocabulary rows of its shard (all of them without TP).
+  int64_t logit_columns() const { return tp_.comm ? tp_.vocab_real : config().vocab_size; }
   DType dtype() const { return weights_.dtype(); }
   Qwen3Weights& weights() { return weights_; }
   const Qwen3Weights& weights() const { return weights_; }
@@ -86,6 +108,8 @@ class Qwen3Model {
   // Error on a frozen model.
   Qwen3Weights& grads();
   void zero_grads();
+  // Every gradient back to back in tensor order (the tensors of grads() are views of it); f32.
+  std::span<float> flat_grads();
 
   // Full-sequence forward. ids, positions: i32 [B, T] (explicit position ids: the training row
   // repeats them); masks: B descriptors or 1 shared, each valid for Tq = Tk = T; rows: optional
@@ -123,9 +147,16 @@ class Qwen3Model {
              const Tensor& rows, Qwen3Activations* acts, KVCache* cache, bool commit) const;
   const Tensor& w(int64_t i) const { return weights_.tensors()[size_t(i)].value; }
 
+  // Tensor parallelism: sums `t` (f32/f64) over the TP group in place; nothing without TP.
+  void tp_sum(Tensor& t) const;
+  // The shard-local ids of `ids` (0 for ids outside this rank's vocabulary rows) and which are inside.
+  Tensor local_ids(const Tensor& ids, std::vector<uint8_t>& inside) const;
+
   Qwen3Weights weights_;
   Qwen3Weights grads_;  // empty (no tensors) when frozen
+  Tensor flat_grads_;   // the storage of every gradient tensor
   bool trainable_ = false;
+  TensorParallel tp_;
   // Indices into tensors() (not handles): a tensor replaced by a loader is seen by the next call.
   std::vector<LayerIdx> layer_idx_;
   int64_t embed_idx_ = 0, norm_idx_ = 0, head_idx_ = 0;

@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "opdlm/model/qwen3_config.hpp"
+#include "opdlm/model/qwen3_weights.hpp"
 #include "opdlm/parallel/process_grid.hpp"
 #include "opdlm/tensor/tensor.hpp"
 
@@ -32,5 +33,28 @@ struct RankMemory {
 
 // Closed form, f32 weights; activations, KV caches and rollouts are not included.
 RankMemory memory_per_rank(const Qwen3Config& c, const parallel::TpPlan& plan, int dp);
+
+// ---- sharding real weights (pure) ------------------------------------------------------------------
+
+// The vocabulary rows [begin, begin + real) of the full model that TP rank `rank` holds; its shard has
+// plan.vocab_per_rank rows, of which the last (vocab_per_rank - real) are padding (zeros, never read:
+// the model computes logits for the real rows only).
+struct VocabRange {
+  int64_t begin = 0, real = 0;
+};
+VocabRange vocab_range(const Qwen3Config& c, const parallel::TpPlan& plan, int rank);
+
+// The config a TP shard is built with (its tensors have tp_shard_shapes): heads, KV heads, FFN and
+// vocabulary per rank; the special token ids are -1 (they are ids of the full vocabulary, which the
+// model keeps as its global config).
+Qwen3Config shard_config(const Qwen3Config& c, const parallel::TpPlan& plan);
+
+// TP rank `rank`'s shard of full weights (Megatron layout; RMSNorm gains copied). Refuses plans that
+// replicate KV heads (tp > num_key_value_heads): not supported by the TP model yet.
+Qwen3Weights shard_weights(const Qwen3Weights& full, const parallel::TpPlan& plan, int rank);
+// The inverse: the full weights from every rank's shard (shards[r] of rank r), pad rows dropped;
+// norms taken from rank 0. Used to save a TP model and by the tests.
+Qwen3Weights unshard_weights(const std::vector<const Qwen3Weights*>& shards, const Qwen3Config& full_config,
+                             const parallel::TpPlan& plan);
 
 }  // namespace opdlm::model

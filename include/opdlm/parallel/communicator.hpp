@@ -84,6 +84,11 @@ class Communicator {
   // tree_combine of the same parts. Every backend must keep this order.
   void reduce_scatter(std::span<const float> in, std::span<float> out);
   void reduce_scatter(std::span<const double> in, std::span<double> out);
+  // A sum whose bits do not depend on MPI's algorithm and are the same on every rank: reduce_scatter
+  // (the fixed tree over ranks) then all_gather, on buf padded to a multiple of size(). For values
+  // that replicas must agree on bit for bit (tensor-parallel activations and input gradients).
+  void all_reduce_tree(std::span<float> buf);
+  void all_reduce_tree(std::span<double> buf);
   // out has size() * in.size() elements; chunk r of out <- rank r's in.
   void all_gather(std::span<const float> in, std::span<float> out);
   void all_gather(std::span<const double> in, std::span<double> out);

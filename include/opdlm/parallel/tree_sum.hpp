@@ -25,6 +25,9 @@ class TreeSum {
   void add(int64_t index, std::span<const float> leaf);
   // The root: the canonical sum of every leaf (+0 when none was added). Ends the accumulation.
   std::vector<float> finish();
+  // The same root written into out (len floats); the TreeSum is then empty and ready for the next
+  // sum, keeping its buffers (a training loop reuses one TreeSum: no model-sized allocation per row).
+  void finish_into(std::span<float> out);
   size_t peak_buffers() const { return peak_; }  // partial sums held at once, for the memory check
 
  private:
@@ -34,10 +37,12 @@ class TreeSum {
     std::vector<float> value;
   };
   void settle(int64_t next);  // grows and merges the stack knowing no leaf below `next` will come
+  std::vector<float> take();  // a len-float buffer from the pool (contents undefined)
   size_t len_;
   int64_t width_;
   int64_t last_ = -1;
   std::vector<Node> stack_;
+  std::vector<std::vector<float>> pool_;  // buffers of merged nodes, reused
   size_t peak_ = 0;
 };
 

@@ -60,6 +60,8 @@ class ShardedAdamW {
   std::vector<size_t> first_;
   int64_t shard_elems_ = 0, padded_ = 0;
   std::vector<float> m_, v_;
+  // Step workspaces, kept between steps (no per-step allocation of model-sized buffers).
+  std::vector<float> send_, shard_, own_, gathered_;
 };
 
 }  // namespace opdlm::parallel

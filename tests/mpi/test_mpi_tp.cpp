@@ -1,0 +1,143 @@
+// The tensor-parallel Qwen3 model (Megatron layout, model/tp_layout.hpp) under mpiexec: TP groups of
+// 1, 2 and 4 consecutive ranks each hold one shard of a model whose vocabulary TP does not divide,
+// and the forward (full-sequence and KV-cache), the logit columns and every parameter gradient
+// match the whole model on one rank within 1e-6 relative; the replicated pieces (norm gains and
+// their gradients, the residual stream) are bit for bit the same on every rank of a group.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cstdio>
+#include <cmath>
+#include <string>
+#include <vector>
+
+#include "opdlm/model/qwen3.hpp"
+#include "opdlm/model/tp_layout.hpp"
+#include "opdlm/parallel/communicator.hpp"
+#include "opdlm/parallel/process_grid.hpp"
+#include "test_util.hpp"
+
+namespace {
+
+using namespace opdlm;
+using parallel::MpiCommunicator;
+
+model::Qwen3Config tp_test_config() {
+  return test::tiny_qwen3_config(66, 32, 64, 4, 4, 8);  // vocabulary 66 = 4 * 17 - 2: padded at TP 4
+}
+
+parallel::TpPlan plan_for(const model::Qwen3Config& c, int tp) {
+  parallel::PreflightInput in;
+  in.shape = {tp, tp};
+  in.num_heads = c.num_attention_heads;
+  in.num_kv_heads = c.num_key_value_heads;
+  in.intermediate_size = c.intermediate_size;
+  in.vocab_size = c.vocab_size;
+  return parallel::preflight(in);
+}
+
+// max |a - b| / max |b| over the elements (b the reference).
+double rel_err(const std::vector<double>& a, const std::vector<double>& b) {
+  double num = 0, den = 0;
+  for (size_t i = 0; i < a.size(); ++i) num = std::max(num, std::abs(a[i] - b[i])), den = std::max(den, std::abs(b[i]));
+  return den > 0 ? num / den : num;
+}
+
+// Columns [c0, c0 + nc) of the 2-D tensor t.
+std::vector<double> columns(const Tensor& t, int64_t c0, int64_t nc) {
+  std::vector<double> out;
+  for (int64_t i = 0; i < t.size(0); ++i)
+    for (int64_t j = 0; j < nc; ++j) out.push_back(t.item(i * t.size(1) + c0 + j));
+  return out;
+}
+
+// In f64 the shards must reproduce the whole model to rounding (1e-12: the algebra is exact); in f32
+// the logits within 1e-6, and the gradients are reported (norm-gain gradients sum thousands of
+// products, so their f32 rounding is ~1e-6 on either side).
+void check_tensor_parallel_model(DType dtype, double logit_tol, double grad_tol) {
+  auto world = MpiCommunicator::world();
+  const int n = world->size(), r = world->rank();
+  const model::Qwen3Config c = tp_test_config();
+  model::Qwen3Weights full_w(c, dtype);
+  full_w.init_random(21, 0.3);
+  model::Qwen3Model full(full_w.clone(), true);
+
+  // Two sequences of 7 tokens, causal; logits at 5 rows.
+  const int64_t B = 2, T = 7;
+  const Tensor ids = test::random_ids({B, T}, 4, int32_t(c.vocab_size));
+  std::vector<int32_t> pos(size_t(B * T));
+  for (int64_t i = 0; i < B * T; ++i) pos[size_t(i)] = int32_t(i % T);
+  const Tensor positions = Tensor::from_vector(pos, {B, T});
+  const ops::MaskDescriptor causal = ops::MaskDescriptor::causal();
+  const Tensor rows = Tensor::from_vector(std::vector<int32_t>{0, 3, 6, 9, 13}, {5});
+  model::Qwen3Activations full_acts;
+  const Tensor full_logits = full.forward(ids, positions, std::span(&causal, 1), rows, &full_acts);
+  const Tensor dlogits = test::random_tensor({5, c.vocab_size}, 8, -1, 1, dtype);
+  full.backward(full_acts, dlogits);
+
+  for (int tp = 1; tp <= n; tp *= 2) {
+    SCOPED_TRACE("tp " + std::to_string(tp));
+    auto group = world->split(r / tp, r, "tp");
+    const int tr = group->rank();
+    const parallel::TpPlan plan = plan_for(c, tp);
+    const model::VocabRange vr = model::vocab_range(c, plan, tr);
+    model::Qwen3Model shard(model::shard_weights(full_w, plan, tr), true, {group.get(), c, vr.begin, vr.real});
+    ASSERT_EQ(shard.logit_columns(), vr.real);
+
+    // Forward: this rank's logit columns.
+    model::Qwen3Activations acts;
+    const Tensor logits = shard.forward(ids, positions, std::span(&causal, 1), rows, &acts);
+    ASSERT_EQ(logits.size(1), vr.real);
+    const double fe = rel_err(columns(logits, 0, vr.real), columns(full_logits, vr.begin, vr.real));
+    EXPECT_LT(fe, logit_tol) << "forward logits";
+
+    // Backward with this rank's columns of the same dlogits.
+    std::vector<double> cols = columns(dlogits, vr.begin, vr.real);
+    const Tensor dl = Tensor::from_vector(cols, {5, vr.real}).to(dtype);
+    shard.backward(acts, dl);
+    const model::Qwen3Weights want = model::shard_weights(full.grads(), plan, tr);
+    double worst = 0;
+    std::string worst_name;
+    for (size_t i = 0; i < want.tensors().size(); ++i) {
+      const auto& name = want.tensors()[i].name;
+      const double e = rel_err(shard.grads().get(name).to_f64_vector(), want.tensors()[i].value.to_f64_vector());
+      if (e > worst) worst = e, worst_name = name;
+    }
+    EXPECT_LT(worst, grad_tol) << "worst gradient " << worst_name;
+    if (r == 0)
+      std::printf("[tp %d %s] logits rel err %.3g, worst gradient rel err %.3g (%s)\n", tp, dtype_name(dtype), fe, worst,
+                  worst_name.c_str());
+
+    // Replicated values agree bit for bit across the group: every norm gain's gradient.
+    for (const auto& t : shard.grads().tensors()) {
+      if (t.value.ndim() != 1) continue;
+      std::vector<double> mine = t.value.to_f64_vector(), all(mine.size() * size_t(tp));
+      group->all_gather(std::span<const double>(mine), std::span<double>(all));
+      for (int q = 0; q < tp; ++q)
+        EXPECT_TRUE(std::equal(mine.begin(), mine.end(), all.begin() + long(q) * long(mine.size()))) << t.name;
+    }
+
+    // KV-cache forward: prefill 4 tokens, then 3 more; the last rows' logits match the full model's.
+    model::KVCache cache(shard.config(), B, T, dtype);
+    model::KVCache full_cache(c, B, T, dtype);
+    auto part = [&](int64_t t0, int64_t t1) {
+      std::vector<int32_t> pi, pp;
+      for (int64_t b = 0; b < B; ++b)
+        for (int64_t t = t0; t < t1; ++t) pi.push_back(ids.data<int32_t>()[b * T + t]), pp.push_back(int32_t(t));
+      return std::pair{Tensor::from_vector(pi, {B, t1 - t0}), Tensor::from_vector(pp, {B, t1 - t0})};
+    };
+    for (auto [t0, t1] : {std::pair<int64_t, int64_t>{0, 4}, {4, 7}}) {
+      auto [pi, pp] = part(t0, t1);
+      const ops::MaskDescriptor m = ops::MaskDescriptor::causal(0, t0);
+      const Tensor a = shard.forward_cached(pi, pp, std::span(&m, 1), cache, true, model::Qwen3Model::last_rows(B, t1 - t0));
+      const Tensor b = full.forward_cached(pi, pp, std::span(&m, 1), full_cache, true, model::Qwen3Model::last_rows(B, t1 - t0));
+      EXPECT_LT(rel_err(columns(a, 0, vr.real), columns(b, vr.begin, vr.real)), logit_tol) << "cached forward at " << t0;
+    }
+  }
+}
+
+TEST(TensorParallelModel, F64ShardsComputeTheWholeModelToRounding) { check_tensor_parallel_model(DType::f64, 1e-12, 1e-12); }
+
+TEST(TensorParallelModel, F32ShardsComputeTheWholeModelWithin1e6) { check_tensor_parallel_model(DType::f32, 1e-6, 1e-5); }
+
+}  // namespace
