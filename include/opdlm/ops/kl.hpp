@@ -4,6 +4,7 @@
 
 #include <cstdint>
 #include <string>
+#include <vector>
 
 #include "opdlm/tensor/tensor.hpp"
 
@@ -44,5 +45,21 @@ Tensor divergence_forward(const Tensor& teacher_logp, const Tensor& student_logi
 // dstudent_logits [n, V] = dloss[i] * dD_i / dstudent_logits[i, :] (the teacher is frozen).
 Tensor divergence_backward(const Tensor& teacher_logp, const Tensor& student_logits, const Tensor& student_lse,
                            const Tensor& dloss, const DivergenceSpec& spec);
+
+// ---- building blocks of the vocab-parallel divergences (parallel/vocab_parallel.hpp) ----------------
+
+// The terms of `spec` over a slice of the vocabulary (teacher_logp and student_logits [n, V_slice]),
+// given the student's log-sum-exp over the WHOLE vocabulary `lse` [n] (same dtype) and, for top-K,
+// `keep` [n * V_slice] (1 = the token is in its row's global top-K). Returns the slice's part of D [n]
+// (f64); when g is non-null it receives g [n, V_slice] (f64) = dD/d(student log-prob) per token. The
+// parts of every slice sum to D; divergence_backward's dD/ds = g - softmax * sum(g) needs the sum
+// over every slice.
+Tensor divergence_slice(const Tensor& teacher_logp, const Tensor& student_logits, const Tensor& lse,
+                        const DivergenceSpec& spec, const std::vector<uint8_t>* keep, Tensor* g);
+
+// Each row's K best teacher log-probs of this slice, ordered (value desc, index asc), as pairs
+// (value, column index within the slice) in a flat [n, K, 2] array; (-inf, -1) when the slice has
+// fewer than K columns. NaN counts as -inf (as divergence_forward's top-K).
+std::vector<double> topk_candidates(const Tensor& teacher_logp, int64_t K);
 
 }  // namespace opdlm::ops

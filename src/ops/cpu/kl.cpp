@@ -99,10 +99,11 @@ void topk_indices(const T* a, int64_t V, int64_t K, std::vector<int64_t>& idx) {
   idx.resize(static_cast<size_t>(K));
 }
 
-// D for one row; when g is non-null it also gets g[v] = dD/dl_v for every v.
+// D for one row; when g is non-null it also gets g[v] = dD/dl_v for every v. keep (top-K only, may
+// be null): the row's top-K membership chosen by the caller (a vocabulary slice of a global top-K).
 template <class T>
 double row_divergence(const T* a, const T* s, double lse, int64_t V, const DivergenceSpec& spec,
-                      std::vector<int64_t>& idx, double* g) {
+                      std::vector<int64_t>& idx, double* g, const uint8_t* keep = nullptr) {
   auto l = [&](int64_t v) { return static_cast<double>(s[v]) - lse; };
   double D = 0.0, dl = 0.0;
   switch (spec.kind) {
@@ -137,7 +138,13 @@ double row_divergence(const T* a, const T* s, double lse, int64_t V, const Diver
       break;
     }
     case Divergence::topk_forward_kl:
-      topk_indices(a, V, spec.topk, idx);
+      if (keep) {
+        idx.clear();
+        for (int64_t v = 0; v < V; ++v)
+          if (keep[v]) idx.push_back(v);
+      } else {
+        topk_indices(a, V, spec.topk, idx);
+      }
       if (g) std::fill(g, g + V, 0.0);
       for (int64_t v : idx) {
         D += fwd_term(a[v], l(v), dl);
@@ -197,7 +204,89 @@ void backward_kernel(const Tensor& teacher, const Tensor& student, const Tensor&
   }
 }
 
+template <class T>
+void slice_kernel(const Tensor& teacher, const Tensor& student, const Tensor& lse, const DivergenceSpec& spec,
+                  const uint8_t* keep, Tensor& D, Tensor* g) {
+  const int64_t n = student.size(0), V = student.size(1);
+  const T* pa = teacher.data<T>();
+  const T* ps = student.data<T>();
+  const T* pe = lse.data<T>();
+  double* pD = D.data<double>();
+  double* pg = g ? g->data<double>() : nullptr;
+#pragma omp parallel
+  {
+    std::vector<int64_t> idx;
+#pragma omp for schedule(static)
+    for (int64_t i = 0; i < n; ++i)
+      pD[i] = row_divergence(pa + i * V, ps + i * V, static_cast<double>(pe[i]), V, spec, idx, pg ? pg + i * V : nullptr,
+                             keep ? keep + i * V : nullptr);
+  }
+}
+
 }  // namespace
+
+Tensor divergence_slice(const Tensor& teacher_logp, const Tensor& student_logits, const Tensor& lse,
+                        const DivergenceSpec& spec, const std::vector<uint8_t>* keep, Tensor* g) {
+  DivergenceSpec checked = spec;
+  if (checked.kind == Divergence::topk_forward_kl) checked.topk = 1;  // K is checked against the whole vocabulary
+  check_inputs("divergence_slice", teacher_logp, student_logits, checked);
+  const int64_t n = student_logits.size(0), V = student_logits.size(1);
+  expect_same_dtype(student_logits, "student_logits", lse, "lse");
+  expect_shape(lse, "lse", {n}, "rows of 'student_logits'");
+  if (spec.kind == Divergence::topk_forward_kl && (!keep || static_cast<int64_t>(keep->size()) != n * V))
+    OPDLM_FAIL("divergence_slice: top-K needs 'keep' with ", n * V, " entries (rows x slice)");
+  Tensor D = Tensor::zeros({n}, DType::f64);
+  if (g) *g = Tensor::empty({n, V}, DType::f64);
+  const uint8_t* k = spec.kind == Divergence::topk_forward_kl ? keep->data() : nullptr;
+  if (student_logits.dtype() == DType::f32) slice_kernel<float>(teacher_logp, student_logits, lse, spec, k, D, g);
+  else slice_kernel<double>(teacher_logp, student_logits, lse, spec, k, D, g);
+  return D;
+}
+
+namespace {
+template <class T>
+void topk_kernel(const Tensor& teacher, int64_t K, std::vector<double>& out) {
+  const int64_t n = teacher.size(0), V = teacher.size(1);
+  const T* pa = teacher.data<T>();
+  out.assign(size_t(n * K * 2), 0.0);
+#pragma omp parallel
+  {
+    std::vector<int64_t> idx;
+#pragma omp for schedule(static)
+    for (int64_t i = 0; i < n; ++i) {
+      const int64_t k = std::min(K, V);
+      topk_indices(pa + i * V, V, k, idx);
+      // Sorted (value desc, index asc) so the caller can merge; missing entries are (-inf, -1).
+      std::sort(idx.begin(), idx.end(), [&](int64_t x, int64_t y) {
+        const double a = std::isnan(double(pa[i * V + x])) ? kNegInf : double(pa[i * V + x]);
+        const double b = std::isnan(double(pa[i * V + y])) ? kNegInf : double(pa[i * V + y]);
+        return a > b || (a == b && x < y);
+      });
+      for (int64_t j = 0; j < K; ++j) {
+        double* o = out.data() + (i * K + j) * 2;
+        if (j < k) {
+          const double a = pa[i * V + idx[size_t(j)]];
+          o[0] = std::isnan(a) ? kNegInf : a;
+          o[1] = static_cast<double>(idx[size_t(j)]);
+        } else {
+          o[0] = kNegInf;
+          o[1] = -1.0;
+        }
+      }
+    }
+  }
+}
+}  // namespace
+
+std::vector<double> topk_candidates(const Tensor& teacher_logp, int64_t K) {
+  expect_float_cpu(teacher_logp, "teacher_logp");
+  expect_ndim(teacher_logp, "teacher_logp", 2);
+  OPDLM_CHECK(K >= 1, "topk_candidates: K ", K);
+  std::vector<double> out;
+  if (teacher_logp.dtype() == DType::f32) topk_kernel<float>(teacher_logp, K, out);
+  else topk_kernel<double>(teacher_logp, K, out);
+  return out;
+}
 
 const char* divergence_name(Divergence d) {
   switch (d) {
