@@ -61,6 +61,13 @@ ShardedAdamW::ShardedAdamW(std::vector<Tensor*> params, std::vector<bool> no_dec
   v_.assign(size_t(shard_elems_), 0.0f);
 }
 
+void ShardedAdamW::set_tensor_parallel(Communicator* tp, std::vector<bool> replicated) {
+  OPDLM_CHECK(!tp || replicated.size() == params_.size(), "ShardedAdamW: ", replicated.size(),
+              " replication flags for ", params_.size(), " tensors");
+  tp_ = tp && tp->size() > 1 ? tp : nullptr;
+  replicated_ = std::move(replicated);
+}
+
 int64_t ShardedAdamW::state_bytes() const { return 2 * shard_elems_ * int64_t(sizeof(float)); }
 
 double ShardedAdamW::step(const std::vector<const Tensor*>& grads, int64_t step, const ops::AdamWConfig& cfg,
@@ -100,18 +107,27 @@ double ShardedAdamW::step(const std::vector<const Tensor*>& grads, int64_t step,
     }
   }
   dp_->all_gather(std::span<const double>(mine), std::span<double>(all));
-  double total = 0.0, tensor_sum = 0.0;
+  // Tensor sums in tensor order; under TP the sharded and the replicated tensors are two totals.
+  double total = 0.0, replicated_total = 0.0, tensor_sum = 0.0;
   int current = units_.empty() ? 0 : units_[0].tensor;
+  auto close_tensor = [&] {
+    if (tp_ && !replicated_.empty() && replicated_[size_t(current)]) replicated_total += tensor_sum;
+    else total += tensor_sum;
+  };
   for (int r = 0; r < dp; ++r)
     for (size_t u = first_[size_t(r)]; u < first_[size_t(r) + 1]; ++u) {
       if (units_[u].tensor != current) {  // an empty tensor has no unit: its +0 sum changes nothing
-        total += tensor_sum;
+        close_tensor();
         tensor_sum = 0.0;
         current = units_[u].tensor;
       }
       tensor_sum += all[size_t(r) * max_units + (u - first_[size_t(r)])];
     }
-  total += tensor_sum;
+  close_tensor();
+  if (tp_) {  // every TP rank's shard, then the replicated tensors once
+    tp_->all_reduce_tree(std::span<double>(&total, 1));
+    total += replicated_total;
+  }
   const double norm = std::sqrt(total);
   if (!std::isfinite(norm)) return norm;
 

@@ -122,6 +122,54 @@ TEST(MpiCommunicator, ReduceScatterSumsInTheFixedTreeOverRanks) {
 
 // ZeRO-1 on the real DP group: the same parameters, bit for bit, as one process that sums the
 // ranks' gradient parts by the same tree, clips and runs AdamW; the state is split, not copied.
+// Under TP x DP the global gradient norm adds every TP rank's shard of the sharded tensors and the
+// replicated ones once, after the DP sum. Gradients are multiples of 1/64 so every float sum is exact
+// and the norm is compared with the analytic one to 1e-12; replicated parameters stay bitwise equal
+// across the TP group after the step.
+TEST(ShardedAdamW, TheNormCountsShardsOfEveryTpRankAndReplicasOnce) {
+  auto world = MpiCommunicator::world();
+  const int n = world->size();
+  for (int tp = 2; tp <= n; tp *= 2) {
+    SCOPED_TRACE("tp " + std::to_string(tp));
+    ProcessGrid grid(world, {n, tp});
+    const int tr = grid.coord().tp_rank, dr = grid.coord().dp_rank, dp = n / tp;
+    const std::vector<int64_t> sizes = {1000, 40000, 20000};  // sharded, replicated (3 chunks), sharded
+    const std::vector<bool> replicated = {false, true, false};
+    // Rank (t, d)'s gradient of tensor i element e: a multiple of 1/64; replicated ones do not depend on t.
+    auto grad = [&](int t, int d, size_t i, int64_t e) {
+      const int64_t k = (replicated[i] ? 0 : 7 * t) + 3 * d + int64_t(i) + e;
+      return float((k % 13) - 6) / 64.0f;
+    };
+    std::vector<Tensor> p, g;
+    std::vector<Tensor*> pp;
+    std::vector<const Tensor*> gp;
+    for (size_t i = 0; i < sizes.size(); ++i) {
+      p.push_back(Tensor::zeros({sizes[i]}));
+      g.push_back(Tensor::zeros({sizes[i]}));
+      for (int64_t e = 0; e < sizes[i]; ++e) g.back().data<float>()[e] = grad(tr, dr, i, e);
+    }
+    for (size_t i = 0; i < sizes.size(); ++i) pp.push_back(&p[i]), gp.push_back(&g[i]);
+    double want = 0;
+    for (size_t i = 0; i < sizes.size(); ++i)
+      for (int t = 0; t < (replicated[i] ? 1 : tp); ++t)
+        for (int64_t e = 0; e < sizes[i]; ++e) {
+          double s = 0;
+          for (int d = 0; d < dp; ++d) s += grad(t, d, i, e);
+          want += s * s;
+        }
+    ShardedAdamW opt(pp, {false, true, false}, grid.dp());
+    opt.set_tensor_parallel(&grid.tp(), replicated);
+    opdlm::ops::AdamWConfig cfg;
+    cfg.lr = 1e-2;
+    const double norm = opt.step(gp, 1, cfg, 1.0);
+    EXPECT_NEAR(norm, std::sqrt(want), 1e-12 * std::sqrt(want));
+    std::vector<float> mine = p[1].to_f32_vector(), all(mine.size() * size_t(tp));
+    grid.tp().all_gather(std::span<const float>(mine), std::span<float>(all));
+    for (int t = 0; t < tp; ++t)
+      EXPECT_TRUE(std::equal(mine.begin(), mine.end(), all.begin() + long(t) * long(mine.size()))) << "replica " << t;
+  }
+}
+
 TEST(ShardedAdamW, EveryDpSizeUpdatesLikeOneProcess) {
   auto world = MpiCommunicator::world();
   const int n = world->size(), r = world->rank();

@@ -36,6 +36,11 @@ class ShardedAdamW {
   // `params`: the student's f32 tensors (every rank holds them whole); `dp`: the DP communicator.
   // `no_decay[i]`: tensor i gets no weight decay (norm gains, as train::adamw_update does).
   ShardedAdamW(std::vector<Tensor*> params, std::vector<bool> no_decay, Communicator& dp);
+  // Under tensor parallelism the parameters are this TP rank's shard: the global norm adds the
+  // squared sums of the sharded tensors over `tp` (all_reduce_tree) and counts the tensors flagged in
+  // `replicated` (the same on every TP rank: norm gains) once. Without tp (or with one TP rank) the
+  // norm is the DP one above, bit for bit.
+  void set_tensor_parallel(Communicator* tp, std::vector<bool> replicated);
 
   // One optimizer step. `grads` (same shapes as params) hold this rank's part of the gradient; the
   // step sums the parts over the DP group (tree order of ranks), clips to `clip` (<= 0: no
@@ -56,6 +61,8 @@ class ShardedAdamW {
   std::vector<Tensor*> params_;
   std::vector<bool> no_decay_;
   Communicator* dp_;
+  Communicator* tp_ = nullptr;
+  std::vector<bool> replicated_;
   std::vector<ParamUnit> units_;
   std::vector<size_t> first_;
   int64_t shard_elems_ = 0, padded_ = 0;
