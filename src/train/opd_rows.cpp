@@ -8,6 +8,7 @@
 #include "opdlm/base/error.hpp"
 #include "opdlm/ops/cross_entropy.hpp"
 #include "opdlm/ops/softmax.hpp"
+#include "opdlm/parallel/vocab_parallel.hpp"
 
 namespace opdlm::train {
 
@@ -153,8 +154,11 @@ Tensor teacher_logprobs(const model::Qwen3Model& teacher, std::span<const int32_
   Tensor rows = Tensor::empty({static_cast<int64_t>(js.size())}, DType::i32);
   for (size_t i = 0; i < js.size(); ++i) rows.data<int32_t>()[i] = int32_t(P + js[i] - 1);
   const ops::MaskDescriptor causal = ops::MaskDescriptor::causal();
-  if (js.empty()) return Tensor::empty({0, teacher.config().vocab_size}, teacher.dtype());
-  return ops::log_softmax_forward(teacher.forward(ids, pos, std::span(&causal, 1), rows));
+  if (js.empty()) return Tensor::empty({0, teacher.logit_columns()}, teacher.dtype());
+  const Tensor logits = teacher.forward(ids, pos, std::span(&causal, 1), rows);
+  // Tensor parallel: the rank's vocabulary columns, normalised over the whole vocabulary.
+  if (auto* tp = teacher.tensor_parallel().comm) return parallel::vp_log_softmax(logits, *tp);
+  return ops::log_softmax_forward(logits);
 }
 
 namespace {
@@ -200,9 +204,11 @@ RowLoss row_loss_impl(const model::Qwen3Model& student, model::Qwen3Model* train
   out.loss_positions = static_cast<int64_t>(js.size());
   out.tokens = row.N();
   if (js.empty()) return out;  // nothing to learn from this row: no forward at all
-  const model::Qwen3Config& cfg = student.config();
-  out.student_forward_flops = model::forward_flops(cfg, std::span(&in.mask, 1), 1, row.N(), row.N(),
+  // FLOPs of the whole model (a budget counter must not depend on the layout).
+  out.student_forward_flops = model::forward_flops(student.full_config(), std::span(&in.mask, 1), 1, row.N(), row.N(),
                                                    static_cast<int64_t>(js.size()));
+  parallel::Communicator* tp = student.tensor_parallel().comm;
+  const parallel::VocabSlice slice{student.tensor_parallel().vocab_begin, student.full_config().vocab_size};
   if (grad_scale != 0) out.student_backward_flops = 2 * out.student_forward_flops;
 
   const Tensor rows = noisy_rows(row, js);
@@ -210,29 +216,33 @@ RowLoss row_loss_impl(const model::Qwen3Model& student, model::Qwen3Model* train
   const int64_t n = static_cast<int64_t>(js.size());
   Tensor dlogits;
   if (spec.objective == RowObjective::teacher_kl) {
-    expect_shape(teacher_logp, "teacher_logp", {n, cfg.vocab_size});
+    expect_shape(teacher_logp, "teacher_logp", {n, student.logit_columns()});
     Tensor lse;
-    Tensor D = ops::divergence_forward(teacher_logp, logits, spec.divergence, &lse);
+    Tensor D = tp ? parallel::vp_divergence_forward(teacher_logp, logits, spec.divergence, &lse, *tp, slice)
+                  : ops::divergence_forward(teacher_logp, logits, spec.divergence, &lse);
     double sum = 0;
     for (int64_t i = 0; i < n; ++i) sum += D.item(i);
     out.loss = sum / static_cast<double>(n);
     if (grad_scale != 0) {
       Tensor dloss = Tensor::full({n}, grad_scale / static_cast<double>(n), logits.dtype());
-      dlogits = ops::divergence_backward(teacher_logp, logits, lse, dloss, spec.divergence);
+      dlogits = tp ? parallel::vp_divergence_backward(teacher_logp, logits, lse, dloss, spec.divergence, *tp, slice)
+                   : ops::divergence_backward(teacher_logp, logits, lse, dloss, spec.divergence);
     }
   } else {
     Tensor targets = Tensor::empty({n}, DType::i32);
     for (int64_t i = 0; i < n; ++i) targets.data<int32_t>()[i] = row.x0[size_t(js[size_t(i)])];
     const Tensor w = ce_weights(row, spec, js, logits.dtype());
     Tensor lse;
-    Tensor ce = ops::cross_entropy_forward(logits, targets, w, &lse);
+    Tensor ce = tp ? parallel::vp_cross_entropy_forward(logits, targets, w, &lse, *tp, slice)
+                   : ops::cross_entropy_forward(logits, targets, w, &lse);
     double sum = 0;
     for (int64_t i = 0; i < n; ++i) sum += ce.item(i);
     const double denom = static_cast<double>(std::max<int64_t>(out.domain, 1));
     out.loss = sum / denom;
     if (grad_scale != 0) {
       Tensor dloss = Tensor::full({n}, grad_scale / denom, logits.dtype());
-      dlogits = ops::cross_entropy_backward(logits, targets, w, lse, dloss);
+      dlogits = tp ? parallel::vp_cross_entropy_backward(logits, targets, w, lse, dloss, *tp, slice)
+                   : ops::cross_entropy_backward(logits, targets, w, lse, dloss);
     }
   }
   if (grad_scale != 0) trainable->backward(*acts, dlogits);
@@ -254,7 +264,9 @@ RowLoss row_loss_eval(const model::Qwen3Model& student, const Tensor& teacher_lo
 Tensor student_logprobs(const model::Qwen3Model& student, const TrainingRow& row, const RowLossSpec& spec,
                         std::span<const int64_t> js) {
   const RowInputs in = build_row_inputs(row, spec.block_size, spec.mask_id, spec.pad_id);
-  return ops::log_softmax_forward(student.forward(in.ids, in.positions, std::span(&in.mask, 1), noisy_rows(row, js)));
+  const Tensor logits = student.forward(in.ids, in.positions, std::span(&in.mask, 1), noisy_rows(row, js));
+  if (auto* tp = student.tensor_parallel().comm) return parallel::vp_log_softmax(logits, *tp);
+  return ops::log_softmax_forward(logits);
 }
 
 // ---- state-KL evaluation -------------------------------------------------------------------------

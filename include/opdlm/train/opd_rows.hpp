@@ -96,6 +96,7 @@ std::vector<int64_t> loss_positions(const TrainingRow& row, const RowLossSpec& s
 // Teacher targets (B 5.2, clean_fill): ONE causal teacher pass over prompt ⊕ x0 (positions
 // 0..P+L1-1, no pads); the log-probs for response token j are read at position P + j - 1, i.e.
 // q_T(. | prompt ⊕ x0[0:j]). Returns log-probs [js.size(), V] (teacher dtype), rows in js order.
+// A tensor-parallel teacher returns its vocabulary columns, normalised over the whole vocabulary.
 Tensor teacher_logprobs(const model::Qwen3Model& teacher, std::span<const int32_t> prompt,
                         std::span<const int32_t> x0, std::span<const int64_t> js);
 
@@ -112,7 +113,9 @@ struct RowLoss {
 // (rows in loss_positions order; see teacher_logprobs), unused for masked_ce.
 // grad_scale != 0: ACCUMULATES grad_scale * d loss / d params into the student's gradients (one
 // forward + backward); grad_scale = 0: forward only (evaluation), `student` may be frozen.
-// `acts` is scratch reused across calls.
+// `acts` is scratch reused across calls. A tensor-parallel student takes its columns of the teacher
+// log-probs and computes the loss vocab-parallel (parallel/vocab_parallel.hpp); FLOPs are always
+// those of the whole model.
 RowLoss row_loss(model::Qwen3Model& student, const Tensor& teacher_logp, const TrainingRow& row,
                  const RowLossSpec& spec, double grad_scale, model::Qwen3Activations& acts);
 // Forward-only convenience for a const model (evaluation).
