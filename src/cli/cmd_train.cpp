@@ -39,9 +39,10 @@ opdlm::parallel::GridShape preflight_layout(const opdlm::train::OpdTrainOptions&
   if (const char* v = std::getenv("SLURM_NTASKS")) in.slurm_ntasks = std::atoll(v);
   in.check_slurm_ntasks = o.check_slurm_ntasks;
   const opdlm::parallel::TpPlan plan = opdlm::parallel::preflight(in);
-  if (plan.tp > 1)
-    OPDLM_FAIL_AT(in.config_file, "parallel.tp", "parallel.tp = ", plan.tp, ": the layout is valid, but the ",
-                  "tensor-parallel model is not built yet; run data parallel with parallel.tp = 1 (DP = world size)");
+  if (plan.kv_replication > 1)
+    OPDLM_FAIL_AT(in.config_file, "parallel.tp", "parallel.tp = ", plan.tp, " exceeds num_key_value_heads = ",
+                  in.num_kv_heads, " of ", model_file, ": replicating KV heads is not supported by the TP model yet");
+  for (const auto& note : plan.notes) OPDLM_LOG(info) << "tensor parallel: " << note;
   return in.shape;
 }
 
@@ -82,7 +83,7 @@ int run_train(const std::vector<std::string>& args) {
     lo.rank = world->rank();
     opdlm::init_logging(lo);
     opdlm::parallel::ProcessGrid grid(world, preflight_layout(opts, world->size()));
-    const opdlm::train::TrainGrid tg{&grid.dp(), world->rank() == 0};
+    const opdlm::train::TrainGrid tg{&grid.dp(), world->rank() == 0, &grid.tp()};
     auto s = opdlm::train::run_opd_training(opts, cfg.table(), tg);
     if (world->rank() != 0) return opdlm::cli::kExitOk;  // one summary line per job
     const auto& b = s.budget;

@@ -9,6 +9,7 @@
 #include <numeric>
 
 #include "opdlm/base/error.hpp"
+#include "opdlm/parallel/vocab_parallel.hpp"
 
 namespace opdlm::diffusion {
 
@@ -200,13 +201,13 @@ std::vector<Rollout> init_rollouts(const model::Qwen3Model& model, const std::ve
                                    std::span<const uint32_t> sample_ids, const SamplerOptions& o, const char* who) {
   if (sample_ids.size() != prompts.size())
     OPDLM_FAIL(who, ": ", sample_ids.size(), " sample ids for ", prompts.size(), " prompts");
-  o.validate(model.config().vocab_size);
+  o.validate(model.full_config().vocab_size);
   const int64_t ctx = context_of(model, o);
   std::vector<Rollout> out(prompts.size());
   for (size_t i = 0; i < prompts.size(); ++i) {
     out[i].sample_id = sample_ids[i];
     out[i].prompt = prompts[i];
-    check_prompt(out[i], model.config().vocab_size, ctx);
+    check_prompt(out[i], model.full_config().vocab_size, ctx);
   }
   return out;
 }
@@ -256,6 +257,44 @@ RowStats row_stats(const float* x, int64_t V, bool with_entropy) {
 // masked slot (slot order). Draws every masked slot, reveals by the strategy. The [MASK] id itself
 // is never drawn (a revealed slot must hold a real token); confidence and entropy still use the
 // unfiltered softmax over the whole vocabulary.
+// Reveals the slots of blk that the strategy picks from the draws d (one per masked slot, slot order).
+void reveal(Block& blk, std::span<const SlotDraw> d, int64_t t, int32_t global_step, const SamplerOptions& o) {
+  const std::vector<int64_t> ms = blk.masked_slots();
+  OPDLM_CHECK(ms.size() == d.size(), ms.size(), " masked slots, ", d.size(), " draws");
+  for (size_t i : select_reveals(d, o, t)) {
+    const size_t slot = static_cast<size_t>(ms[i]);
+    blk.tokens[slot] = d[i].token;
+    blk.step_of[slot] = global_step;
+    --blk.masked;
+  }
+}
+
+// The draws of one step on vocab-parallel logits [rows, V_r] (every stepping sequence's masked slots
+// at once, keys[i] the slot's key): vp_sample_tokens with the [MASK] column removed, and confidence
+// and entropy from the unfiltered softmax over the whole vocabulary (vp_row_stats), as denoise_step.
+std::vector<SlotDraw> vocab_parallel_draws(const Tensor& logits, const std::vector<CounterRng>& keys,
+                                           const model::Qwen3Model& model, const SamplerOptions& o) {
+  parallel::Communicator& tp = *model.tensor_parallel().comm;
+  const int64_t n = logits.size(0), V = logits.size(1), begin = model.tensor_parallel().vocab_begin;
+  Tensor no_mask = logits.clone();
+  if (o.mask_id >= begin && o.mask_id < begin + V)
+    for (int64_t i = 0; i < n; ++i) no_mask.data<float>()[i * V + (o.mask_id - begin)] = -std::numeric_limits<float>::infinity();
+  const parallel::VocabSlice slice{begin, model.full_config().vocab_size};
+  const auto draws = parallel::vp_sample_tokens(no_mask, keys, o.sampling, tp, slice);
+  const auto st = parallel::vp_row_stats(logits, tp, o.strategy == Strategy::entropy_bounded);
+  std::vector<double> pick(static_cast<size_t>(n), 0.0);  // the drawn token's logit, from its rank
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t c = draws[size_t(i)].token - begin;
+    if (c >= 0 && c < V) pick[size_t(i)] = logits.data<float>()[i * V + c];
+  }
+  tp.all_reduce_tree(std::span<double>(pick));
+  std::vector<SlotDraw> d(static_cast<size_t>(n));
+  for (int64_t i = 0; i < n; ++i)
+    d[size_t(i)] = {draws[size_t(i)].token, static_cast<float>(std::exp(pick[size_t(i)] - st.max[size_t(i)] - st.log_z[size_t(i)])),
+                    st.entropy[size_t(i)]};
+  return d;
+}
+
 void denoise_step(Block& blk, const std::vector<const float*>& logits, int64_t V, int64_t k, int64_t t,
                   int32_t global_step, uint32_t sample_id, const SamplerOptions& o, std::vector<float>& row,
                   std::vector<float>& scratch) {
@@ -272,12 +311,7 @@ void denoise_step(Block& blk, const std::vector<const float*>& logits, int64_t V
     const RowStats st = row_stats(logits[i], V, o.strategy == Strategy::entropy_bounded);
     d[i] = {tok, static_cast<float>(std::exp(double(logits[i][tok]) - st.max - st.log_z)), st.entropy};
   }
-  for (size_t i : select_reveals(d, o, t)) {
-    const size_t slot = static_cast<size_t>(ms[i]);
-    blk.tokens[slot] = d[i].token;
-    blk.step_of[slot] = global_step;
-    --blk.masked;
-  }
+  reveal(blk, d, t, global_step, o);
 }
 
 // Appends a finished block to the response (stopping after EOS or at the limit); returns whether
@@ -307,7 +341,8 @@ std::vector<Rollout> bd_generate(const model::Qwen3Model& model, const std::vect
                                  std::span<const uint32_t> sample_ids, const SamplerOptions& o) {
   std::vector<Rollout> out = init_rollouts(model, prompts, sample_ids, o, "bd_generate");
   const int64_t ctx = context_of(model, o);
-  const int64_t V = model.config().vocab_size, b = o.block_size, s = o.steps_per_block;
+  // Logit columns: the whole vocabulary, or this rank's slice under tensor parallelism.
+  const int64_t V = model.logit_columns(), b = o.block_size, s = o.steps_per_block;
   // Only valid prompts enter the batch: row r decodes out[idx[r]].
   std::vector<size_t> idx;
   for (size_t i = 0; i < out.size(); ++i)
@@ -376,6 +411,21 @@ std::vector<Rollout> bd_generate(const model::Qwen3Model& model, const std::vect
       const Tensor logits = as_f32(model.forward_cached(
           ids, pos, masks, cache, /*commit=*/false, Tensor::from_vector(rows, {static_cast<int64_t>(rows.size())})));
       size_t row = 0;
+      if (model.tensor_parallel().comm) {  // one batch of vocab-parallel draws for every stepping row
+        std::vector<CounterRng> keys;
+        for (int64_t r : stepping)
+          for (int64_t slot : blk[size_t(r)].masked_slots())
+            keys.emplace_back(RngKey{o.seed, RngPurpose::rollout_token, o.step, out[idx[size_t(r)]].sample_id,
+                                     static_cast<uint32_t>((k * b + slot) * s + t)});
+        const std::vector<SlotDraw> d = vocab_parallel_draws(logits, keys, model, o);
+        for (int64_t r : stepping) {
+          const size_t m = static_cast<size_t>(blk[size_t(r)].masked);
+          ++out[idx[size_t(r)]].denoise_forwards;
+          reveal(blk[size_t(r)], std::span(d).subspan(row, m), t, ++steps[size_t(r)], o);
+          row += m;
+        }
+        continue;
+      }
       for (int64_t r : stepping) {
         Rollout& ro = out[idx[size_t(r)]];
         std::vector<const float*> lr;
@@ -403,6 +453,7 @@ std::vector<Rollout> bd_generate(const model::Qwen3Model& model, const std::vect
 std::vector<Rollout> bd_generate_reference(const model::Qwen3Model& model,
                                            const std::vector<std::vector<int32_t>>& prompts,
                                            std::span<const uint32_t> sample_ids, const SamplerOptions& o) {
+  if (model.tensor_parallel().comm) OPDLM_FAIL("bd_generate_reference: one process only (no tensor parallelism)");
   std::vector<Rollout> out = init_rollouts(model, prompts, sample_ids, o, "bd_generate_reference");
   const int64_t ctx = context_of(model, o);
   const int64_t V = model.config().vocab_size, b = o.block_size, s = o.steps_per_block;

@@ -71,6 +71,12 @@ uint64_t FlightRecorder::total() const {
   return next_;
 }
 
+void FlightRecorder::reset(size_t capacity) {
+  std::lock_guard<std::mutex> lock(mu_);
+  ring_.assign(std::max<size_t>(capacity, 1), CollectiveRecord{});
+  next_ = 0;
+}
+
 void FlightRecorder::dump(std::ostream& os) const {
   os << "# seq comm op bytes start_s end_s\n";
   for (const auto& r : snapshot()) {

@@ -81,7 +81,7 @@ TpPlan preflight(const PreflightInput& in) {
   p.vocab_per_rank = p.padded_vocab / tp;
   if (p.padded_vocab != in.vocab_size)
     p.notes.push_back("vocab_size = " + std::to_string(in.vocab_size) + " padded to " + std::to_string(p.padded_vocab) +
-                      " for tp = " + std::to_string(tp) + ": the pad logits are -inf and never drawn");
+                      " for tp = " + std::to_string(tp) + ": the pad rows are zeros whose logits are never computed");
   return p;
 }
 

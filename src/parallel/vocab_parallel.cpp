@@ -184,6 +184,34 @@ Tensor vp_cross_entropy_backward(const Tensor& logits, const Tensor& targets, co
   return d.to(logits.dtype());
 }
 
+RowSoftmaxStats vp_row_stats(const Tensor& logits, Communicator& tp, bool with_entropy) {
+  expect_dtype(logits, "logits", {DType::f32});
+  check_2d(logits, "logits");
+  const int64_t n = logits.size(0), V = logits.size(1);
+  const float* x = logits.data<float>();
+  RowSoftmaxStats st;
+  st.max.assign(size_t(n), kNegInf);
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t v = 0; v < V; ++v) st.max[size_t(i)] = std::max(st.max[size_t(i)], double(x[i * V + v]));
+  tp.all_reduce(std::span<double>(st.max), ReduceOp::max);
+  std::vector<double> zs(size_t(2 * n), 0.0);  // per row: sum e, sum e (x - max)
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t v = 0; v < V; ++v) {
+      const double d = double(x[i * V + v]) - st.max[size_t(i)];
+      const double e = std::exp(d);
+      zs[size_t(2 * i)] += e;
+      if (with_entropy) zs[size_t(2 * i + 1)] += e * d;
+    }
+  tp.all_reduce_tree(std::span<double>(zs));
+  st.log_z.resize(size_t(n));
+  st.entropy.assign(size_t(n), 0.0);
+  for (int64_t i = 0; i < n; ++i) {
+    st.log_z[size_t(i)] = std::log(zs[size_t(2 * i)]);
+    if (with_entropy) st.entropy[size_t(i)] = st.log_z[size_t(i)] - zs[size_t(2 * i + 1)] / zs[size_t(2 * i)];
+  }
+  return st;
+}
+
 std::vector<ops::TokenDraw> vp_sample_tokens(const Tensor& logits, const std::vector<CounterRng>& rngs,
                                              const ops::SamplingParams& p, Communicator& tp, VocabSlice slice) {
   expect_cpu(logits, "logits");

@@ -21,6 +21,8 @@
 #include "opdlm/model/ar_generate.hpp"
 #include "opdlm/diffusion/rollout_exchange.hpp"
 #include "opdlm/ops/grad_norm.hpp"
+#include "opdlm/model/tp_layout.hpp"
+#include "opdlm/parallel/process_grid.hpp"
 #include "opdlm/parallel/tree_sum.hpp"
 #include "opdlm/parallel/zero1.hpp"
 #include "opdlm/train/train_common.hpp"
@@ -331,20 +333,41 @@ OpdTrainSummary run_opd_training(const OpdTrainOptions& o, const std::string& re
   const std::string mode = conversion_mode_name(o.mode);
 
   // ---- models: the frozen teacher and the student (the teacher's weights unless given) ----
+  // Under tensor parallelism every rank reads the whole files and keeps its Megatron shard.
+  parallel::Communicator* tp = grid.tp && grid.tp->size() > 1 ? grid.tp : nullptr;
+  if (tp && o.mode == ConversionMode::rm_ce && o.ce_source == CeSource::teacher)
+    OPDLM_FAIL_AT(o.parallel_origin.empty() ? "config" : o.parallel_origin, "parallel.tp",
+                  "rm-ce with loss.ce_source = teacher samples with the AR decoder, which is not tensor parallel yet; ",
+                  "use parallel.tp = 1 for it");
+  std::optional<parallel::TpPlan> plan;
+  auto make_model = [&](model::Qwen3Weights full, bool trainable) {
+    if (!tp) return model::Qwen3Model(std::move(full), trainable);
+    parallel::PreflightInput in;
+    in.shape = {tp->size(), tp->size()};
+    in.num_heads = full.config().num_attention_heads;
+    in.num_kv_heads = full.config().num_key_value_heads;
+    in.intermediate_size = full.config().intermediate_size;
+    in.vocab_size = full.config().vocab_size;
+    in.check_slurm_ntasks = false;
+    plan = parallel::preflight(in);
+    const model::VocabRange vr = model::vocab_range(full.config(), *plan, tp->rank());
+    return model::Qwen3Model(model::shard_weights(full, *plan, tp->rank()), trainable,
+                             {tp, full.config(), vr.begin, vr.real});
+  };
   std::unique_ptr<model::Qwen3Model> teacher;
   model::Qwen3Weights student_w;
   if (!o.teacher.empty()) {
     model::Qwen3Weights tw = io::load_model(o.teacher);
     student_w = o.student_init.empty() ? tw.clone() : io::load_model(o.student_init);
-    teacher = std::make_unique<model::Qwen3Model>(model::Qwen3Model::teacher(std::move(tw)));
+    teacher = std::make_unique<model::Qwen3Model>(make_model(std::move(tw), false));
   } else {
     student_w = io::load_model(o.student_init);
   }
-  model::Qwen3Model student = model::Qwen3Model::student(std::move(student_w));
-  const model::Qwen3Config& cfg = student.config();
-  if (teacher && teacher->config().vocab_size != cfg.vocab_size)
+  model::Qwen3Model student = make_model(std::move(student_w), true);
+  const model::Qwen3Config& cfg = student.full_config();
+  if (teacher && teacher->full_config().vocab_size != cfg.vocab_size)
     OPDLM_FAIL_AT(o.student_init, "vocab_size", "student vocabulary ", cfg.vocab_size, " differs from the teacher's ",
-                  teacher->config().vocab_size);
+                  teacher->full_config().vocab_size);
   const std::string model_src = o.student_init.empty() ? o.teacher : o.student_init;
   if (cfg.mask_token_id < 0)
     OPDLM_FAIL_AT(model_src, "mask_token_id", "the model config has no mask_token_id (algorithm.md A 8)");
@@ -379,9 +402,10 @@ OpdTrainSummary run_opd_training(const OpdTrainOptions& o, const std::string& re
   }
 
   OPDLM_LOG(info) << "opdlm train --mode " << mode << ": " << cfg.num_params() << " parameters, "
-                  << prompts.size() << " prompts, DP " << dp.size() << "\n" << resolved_table;
+                  << prompts.size() << " prompts, TP " << (tp ? tp->size() : 1) << " x DP " << dp.size() << "\n"
+                  << resolved_table;
   metrics.write({{"event", "start"}, {"mode", mode}, {"params", cfg.num_params()}, {"prompts", prompts.size()},
-                 {"parallel", {{"tp", 1}, {"dp", dp.size()}, {"rows_per_rank", rows_per_rank}}},
+                 {"parallel", {{"tp", tp ? tp->size() : 1}, {"dp", dp.size()}, {"rows_per_rank", rows_per_rank}}},
                  {"sampler", diffusion::sampler_options_to_json(sampler)}, {"config", resolved_table}});
 
   // ---- state-KL probe: held-out prompts, decoded greedily with one token per step (eval settings) ----
@@ -428,6 +452,7 @@ OpdTrainSummary run_opd_training(const OpdTrainOptions& o, const std::string& re
   std::vector<bool> no_decay;
   for (auto& t : student.weights().tensors()) params.push_back(&t.value), no_decay.push_back(t.value.ndim() < 2);
   parallel::ShardedAdamW optimizer(params, no_decay, dp);
+  optimizer.set_tensor_parallel(tp, no_decay);  // the norm gains (1-D) are the tensors every TP rank holds whole
   std::vector<const Tensor*> grads;
   for (auto& t : student.grads().tensors()) grads.push_back(&t.value);
   // One TreeSum for the run: its buffers are reused by every update.
@@ -435,9 +460,26 @@ OpdTrainSummary run_opd_training(const OpdTrainOptions& o, const std::string& re
   model::Qwen3Activations acts;
   const auto t0 = std::chrono::steady_clock::now();
   auto elapsed = [&] { return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count(); };
+  // The whole student: under TP every rank must call this (the shards are all-gathered).
+  auto whole_student = [&]() -> model::Qwen3Weights {
+    if (!tp) return student.weights();
+    std::vector<model::Qwen3Weights> shards;
+    for (int r = 0; r < tp->size(); ++r) shards.push_back(student.weights().zeros_like());
+    for (size_t i = 0; i < params.size(); ++i) {
+      const size_t n = size_t(params[i]->numel());
+      std::vector<float> all(n * size_t(tp->size()));
+      tp->all_gather(std::span<const float>(params[i]->data<float>(), n), std::span<float>(all));
+      for (int r = 0; r < tp->size(); ++r)
+        std::copy(all.begin() + long(n) * r, all.begin() + long(n) * (r + 1), shards[size_t(r)].tensors()[i].value.data<float>());
+    }
+    std::vector<const model::Qwen3Weights*> ptrs;
+    for (const auto& s : shards) ptrs.push_back(&s);
+    return model::unshard_weights(ptrs, cfg, *plan);
+  };
   auto save = [&](int64_t rl_step) {
+    const model::Qwen3Weights whole = whole_student();
     if (!writer) return;
-    io::save_model(model_path, student.weights(),
+    io::save_model(model_path, whole,
                    {{"mode", mode}, {"rl_step", rl_step}, {"optimizer_steps", sum.optimizer_steps},
                     {"train_tokens", bc.train_tokens()}, {"teacher", o.teacher}, {"tokenizer", o.tokenizer}});
     metrics.write({{"event", "save"}, {"rl_step", rl_step}, {"path", model_path}});
@@ -447,10 +489,11 @@ OpdTrainSummary run_opd_training(const OpdTrainOptions& o, const std::string& re
   auto save_milestones = [&](int64_t rl_step) {
     while (next_milestone < o.save_at_tokens.size() && bc.train_tokens() >= o.save_at_tokens[next_milestone]) {
       const int64_t m = o.save_at_tokens[next_milestone++];
+      const model::Qwen3Weights whole = whole_student();
       if (!writer) continue;
       fs::create_directories(o.out_dir + "/checkpoints");
       const std::string path = o.out_dir + "/checkpoints/tokens_" + std::to_string(m) + ".h5";
-      io::save_model(path, student.weights(),
+      io::save_model(path, whole,
                      {{"mode", mode}, {"rl_step", rl_step}, {"optimizer_steps", sum.optimizer_steps},
                       {"train_tokens", bc.train_tokens()}, {"milestone", m}, {"teacher", o.teacher},
                       {"tokenizer", o.tokenizer}});
@@ -636,7 +679,7 @@ OpdTrainSummary run_opd_training(const OpdTrainOptions& o, const std::string& re
           const auto js = loss_positions(r.row, spec);
           const int64_t T = static_cast<int64_t>(r.row.prompt.size()) + js.back();
           const ops::MaskDescriptor causal = ops::MaskDescriptor::causal();
-          bc.teacher_flops += model::forward_flops(teacher->config(), std::span(&causal, 1), 1, T, T,
+          bc.teacher_flops += model::forward_flops(teacher->full_config(), std::span(&causal, 1), 1, T, T,
                                                    static_cast<int64_t>(js.size()));
         }
         if (!trained[r.sample]) {

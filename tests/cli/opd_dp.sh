@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# opd_dp.sh OPDLM [MPIEXEC...] -- `opdlm train --mode opd` launched three ways gives the same run:
-# one process without mpirun, `mpiexec -n 2` and `mpiexec -n 4` (DP = 2, 4). Compared: the sha256 of
-# every tensor of model.h5 and every metrics line apart from wall-clock fields. Then the launch
-# refusals: DP not a power of two, parallel.tp > 1 (no tensor-parallel model yet), the srun singleton
-# trap (SLURM_NTASKS != world size) and --mode ar under mpiexec, each a non-zero exit that names the
-# field and leaves no output behind. A tiny teacher (2 layers, hidden 32) trained here; ~30 s.
+# opd_dp.sh OPDLM [MPIEXEC...] -- `opdlm train --mode opd` launched five ways gives the same run:
+# one process without mpirun, `mpiexec -n 2` and `mpiexec -n 4` (DP = 2, 4): the sha256 of every
+# tensor of model.h5 and every metrics line apart from wall-clock fields are equal; `--parallel.tp=2`
+# on 2 and 4 ranks (TP 2, TP 2 x DP 2): every count equal (the same tokens), losses, norms and probe
+# KLs within 1e-6 (relative; absolute for values below 1). Then the launch refusals: DP not a power of two, TP beyond the KV heads,
+# the srun singleton trap (SLURM_NTASKS != world size) and --mode ar under mpiexec, each a non-zero
+# exit that names the field and leaves no output behind. A tiny teacher (2 layers, hidden 32) trained
+# here; ~30 s.
 set -euo pipefail
 OPDLM=$(readlink -f "$1")
 shift
@@ -41,6 +43,11 @@ for n in 2 4; do
   "${MPIEXEC[@]}" -n $n "$OPDLM" "${OPD[@]}" --run.out_dir=dp$n >dp$n.json 2>dp$n.log ||
     fail "mpiexec -n $n: $(tail -3 dp$n.log)"
 done
+# Tensor parallel: TP 2 (2 ranks) and TP 2 x DP 2 (4 ranks).
+for n in 2 4; do
+  "${MPIEXEC[@]}" -n $n "$OPDLM" "${OPD[@]}" --parallel.tp=2 --run.out_dir=tp2_n$n >tp2_n$n.json 2>tp2_n$n.log ||
+    fail "mpiexec -n $n --parallel.tp=2: $(tail -3 tp2_n$n.log)"
+done
 
 # One summary line per job (rank 0), and the same run three times.
 [[ $(wc -l < dp4.json) == 1 ]] || fail "expected one summary line from 4 ranks, got $(wc -l < dp4.json)"
@@ -66,6 +73,24 @@ for d, dp in (("dp2", 2), ("dp4", 4)):
     assert lines(d) == one, f"{d}: metrics differ from the one-process run"
     start = json.loads(open(f"{d}/metrics.jsonl").readline())
     assert start["parallel"] == {"tp": 1, "dp": dp, "rows_per_rank": 8 // dp}, start["parallel"]
+# TP sums in another order: the same tokens (every count), losses, norms and KLs within 1e-6
+# (relative, absolute below 1).
+for d, dp in (("tp2_n2", 1), ("tp2_n4", 2)):
+    got = lines(d)
+    assert len(got) == len(one), d
+    for a, b in zip(one, got):
+        a, b = dict(a), dict(b)
+        for k in ("loss", "grad_norm", "own_state_kl", "random_state_kl", "final_loss", "probe_own_kl_first",
+                  "probe_own_kl_last", "probe_random_kl_last"):
+            if a.get(k) is None:
+                continue
+            x, y = a.pop(k), b.pop(k)
+            # Relative 1e-6, or 1e-6 nats absolute for values below 1: this teacher and student nearly
+            # agree, so KLs of ~5e-4 are differences of f32 log-probs (~1e-7 absolute rounding each).
+            assert abs(x - y) <= 1e-6 * max(abs(x), 1.0), f"{d}: {k} {y} vs {x}"
+        assert a == b, f"{d}: counts differ from the one-process run:\n{a}\n{b}"
+    start = json.loads(open(f"{d}/metrics.jsonl").readline())
+    assert start["parallel"] == {"tp": 2, "dp": dp, "rows_per_rank": 8 // dp}, start["parallel"]
 PY
 
 # Refusals: non-zero exit, the field named, no output folder.
@@ -78,9 +103,9 @@ expect_refusal() {  # expect_refusal NAME PATTERN command...
 }
 expect_refusal dp3 "parallel.tp" "${MPIEXEC[@]}" -n 3 "$OPDLM" "${OPD[@]}" --run.out_dir=dp3
 grep -q "power of two" dp3.err || fail "dp3: the reason is not given"
-expect_refusal tp2 "tensor-parallel model is not built" "${MPIEXEC[@]}" -n 2 "$OPDLM" "${OPD[@]}" \
-  --parallel.tp=2 --run.out_dir=tp2
+expect_refusal tp4 "num_key_value_heads" "${MPIEXEC[@]}" -n 4 "$OPDLM" "${OPD[@]}" \
+  --parallel.tp=4 --run.out_dir=tp4
 SLURM_NTASKS=4 expect_refusal slurm "SLURM_NTASKS" "$OPDLM" "${OPD[@]}" --run.out_dir=slurm
 expect_refusal ar_np2 "OMPI_COMM_WORLD_SIZE" "${MPIEXEC[@]}" -n 2 "$OPDLM" train --mode ar --model.config=config.json \
   --model.tokenizer=tok.json --data.train=train.bin --optim.max_steps=2 --run.out_dir=ar_np2
-echo "opd_dp: one process = DP 2 = DP 4, bit for bit; 4 refusals"
+echo "opd_dp: one process = DP 2 = DP 4 bit for bit, = TP 2 and TP 2 x DP 2 within 1e-6; 4 refusals"

@@ -222,7 +222,7 @@ std::string tiny_bpe_tokenizer_json(const std::vector<std::pair<int, std::string
 // ---- a tiny conversion setup ----
 
 
-TinyOpdSetup make_tiny_opd_setup(const std::string& name, bool create) {
+TinyOpdSetup make_tiny_opd_setup(const std::string& name, bool create, int64_t kv_heads) {
   namespace fs = std::filesystem;
   TinyOpdSetup s;
   s.dir = ::testing::TempDir() + "/opdlm_opd_" + name;
@@ -240,7 +240,7 @@ TinyOpdSetup make_tiny_opd_setup(const std::string& name, bool create) {
   bt.add_text("0123456789+=");
   const io::Tokenizer tok = bt.train();
   tok.save(s.tokenizer);
-  model::Qwen3Config c = tiny_qwen3_config(260, 32, 64, 4, 2, 8);
+  model::Qwen3Config c = tiny_qwen3_config(260, 32, 64, 4, kv_heads, 8);
   c.eos_token_id = tok.token_id("<|endoftext|>").value();
   c.pad_token_id = c.eos_token_id;
   c.mask_token_id = tok.token_id("<|MASK|>").value();

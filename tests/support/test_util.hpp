@@ -80,13 +80,13 @@ std::string golden_dir();
 using parallel::LocalCommunicator;  // the library's one-process communicator
 
 // A tiny conversion setup in TempDir()/opdlm_opd_<name>: a byte-level tokenizer (ids 0..255 bytes,
-// 256 <|endoftext|>, ..., 259 <|MASK|>), a random 2-layer teacher, 9 arithmetic prompts of which two
+// 256 <|endoftext|>, ..., 259 <|MASK|>), a random 2-layer teacher (4 heads, `kv_heads` KV heads), 9 arithmetic prompts of which two
 // are unusable (one empty, one longer than max_prompt_tokens) and 3 probe prompts. create = false
 // only computes the paths (other MPI ranks of a test whose rank 0 wrote the files).
 struct TinyOpdSetup {
   std::string dir, teacher, tokenizer, prompts, probe;
 };
-TinyOpdSetup make_tiny_opd_setup(const std::string& name, bool create = true);
+TinyOpdSetup make_tiny_opd_setup(const std::string& name, bool create = true, int64_t kv_heads = 2);
 // Options for a 3-RL-step run of `mode` on it into s.dir/out (4 prompts per step, 2 rows per update).
 train::OpdTrainOptions tiny_opd_options(const TinyOpdSetup& s, train::ConversionMode mode, const std::string& out);
 // Every line of a metrics.jsonl.

@@ -47,6 +47,8 @@ class FlightRecorder {
   // The records still in the ring, oldest first.
   std::vector<CollectiveRecord> snapshot() const;
   uint64_t total() const;  // calls ever recorded
+  // Empties the ring and gives it room for `capacity` records (benches that read a whole run).
+  void reset(size_t capacity);
   // One line per record: "seq comm op bytes start end|IN-FLIGHT".
   void dump(std::ostream& os) const;
 

@@ -63,7 +63,7 @@ struct TpPlan {
   int64_t kv_heads_per_rank = 1;  // after replication
   int kv_replication = 1;         // > 1 when tp > num_kv_heads: each KV head lives on this many ranks
   int64_t ffn_per_rank = 1;
-  int64_t padded_vocab = 1;       // vocab rounded up to a multiple of tp; pad logits are -inf, never drawn
+  int64_t padded_vocab = 1;       // vocab rounded up to a multiple of tp; pad rows are zeros, their logits never computed
   int64_t vocab_per_rank = 1;
   std::vector<std::string> notes;  // human-readable: replication and padding, for the start log
 };

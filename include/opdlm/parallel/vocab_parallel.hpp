@@ -43,6 +43,13 @@ Tensor vp_cross_entropy_backward(const Tensor& logits, const Tensor& targets, co
                                  const Tensor& dloss, Communicator& tp, VocabSlice slice,
                                  int32_t ignore_index = ops::kIgnoreIndex);
 
+// Softmax facts of each row of vocab-parallel f32 logits over the whole vocabulary (temperature 1,
+// in double): the maximum, log sum exp(x - max) and, when asked, the entropy in nats.
+struct RowSoftmaxStats {
+  std::vector<double> max, log_z, entropy;
+};
+RowSoftmaxStats vp_row_stats(const Tensor& logits, Communicator& tp, bool with_entropy);
+
 // ops::sample_token for every row of vocab-parallel logits [n, V_r] (f32), row i keyed by rngs[i]:
 // the same filtering (temperature; greedy keeps the global maximum; top-k keeps logits >= the k-th
 // largest of the whole row, from each rank's k best all-gathered), then Gumbel-max with the noise of

@@ -106,11 +106,14 @@ struct OpdTrainSummary {
   std::string model_path;
 };
 
-// Where one rank of a conversion run sits in the process grid. Data parallel over `dp` (TP = 1: the
-// tensor-parallel model is not built yet). Every DP rank holds the whole student and teacher.
+// Where one rank of a conversion run sits in the process grid: data parallel over `dp`, tensor
+// parallel over `tp`.
 struct TrainGrid {
   parallel::Communicator* dp = nullptr;  // nullptr: one process (a LocalCommunicator)
   bool writes_outputs = true;            // metrics.jsonl, model.h5 and checkpoints: world rank 0 only
+  // The TP group (nullptr or one rank: no tensor parallelism). Its ranks hold Megatron shards of the
+  // teacher and the student (model/tp_layout.hpp) and decode and train the same rows together.
+  parallel::Communicator* tp = nullptr;
 };
 
 // The rows of one optimizer step are the leaves of the canonical pairwise tree (parallel/tree_sum.hpp)
