@@ -135,13 +135,7 @@ int main(int argc, char** argv) {
         // The analytic DP gradient path per optimizer step (bench_comm): reduce-scatter input dp * P
         // floats, the norm all-gather of U doubles, the parameter all-gather of P floats (P, U of this
         // TP rank's shard); plus the stats all-reduce of 4 doubles per row.
-        parallel::PreflightInput in;
-        in.shape = {tp, tp};
-        in.num_heads = full.num_attention_heads;
-        in.num_kv_heads = full.num_key_value_heads;
-        in.intermediate_size = full.intermediate_size;
-        in.vocab_size = full.vocab_size;
-        model::Qwen3Weights shape(tp == 1 ? full : model::shard_config(full, parallel::preflight(in)));
+        model::Qwen3Weights shape(tp == 1 ? full : model::shard_config(full, model::tp_plan(full, tp)));
         std::vector<Tensor*> pp;
         std::vector<bool> nd;
         for (auto& t : shape.tensors()) pp.push_back(&t.value), nd.push_back(t.value.ndim() < 2);

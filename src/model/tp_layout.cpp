@@ -8,6 +8,17 @@
 
 namespace opdlm::model {
 
+parallel::TpPlan tp_plan(const Qwen3Config& c, int tp) {
+  parallel::PreflightInput in;
+  in.shape = {tp, tp};
+  in.num_heads = c.num_attention_heads;
+  in.num_kv_heads = c.num_key_value_heads;
+  in.intermediate_size = c.intermediate_size;
+  in.vocab_size = c.vocab_size;
+  in.check_slurm_ntasks = false;
+  return parallel::preflight(in);
+}
+
 std::vector<std::pair<std::string, Shape>> tp_shard_shapes(const Qwen3Config& c, const parallel::TpPlan& p) {
   const int64_t H = c.hidden_size, hd = c.head_dim;
   const int64_t q = p.heads_per_rank * hd, kv = p.kv_heads_per_rank * hd;

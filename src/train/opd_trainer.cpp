@@ -4,7 +4,6 @@
 
 #include <chrono>
 #include <optional>
-#include <cstring>
 #include <cmath>
 #include <filesystem>
 #include <fstream>
@@ -319,6 +318,15 @@ OpdTrainSummary run_opd_training(const OpdTrainOptions& o, const std::string& re
   parallel::LocalCommunicator one_process;
   parallel::Communicator& dp = grid.dp ? *grid.dp : one_process;
   const int64_t rows_per_rank = dp_rows_per_rank(dp.size(), o.rows_per_update, o.parallel_origin.empty() ? "config" : o.parallel_origin);
+  // Refusals of the layout come before anything is written.
+  parallel::Communicator* tp = grid.tp && grid.tp->size() > 1 ? grid.tp : nullptr;
+  if (tp && o.mode == ConversionMode::rm_ce && o.ce_source == CeSource::teacher)
+    OPDLM_FAIL_AT(o.parallel_origin.empty() ? "config" : o.parallel_origin, "parallel.tp",
+                  "rm-ce with loss.ce_source = teacher samples with the AR decoder, which is not tensor parallel yet; ",
+                  "use parallel.tp = 1 for it");
+  if (tp && o.sampler.sampling.top_p < 1.0)
+    OPDLM_FAIL_AT(o.parallel_origin.empty() ? "config" : o.parallel_origin, "rollout.top_p",
+                  "top_p < 1 is not vocab-parallel yet; use rollout.top_p = 1 with parallel.tp > 1");
   const bool writer = grid.writes_outputs;
   const std::string model_path = o.out_dir + "/model.h5";
   std::optional<MetricsLog> metrics_log;
@@ -334,22 +342,10 @@ OpdTrainSummary run_opd_training(const OpdTrainOptions& o, const std::string& re
 
   // ---- models: the frozen teacher and the student (the teacher's weights unless given) ----
   // Under tensor parallelism every rank reads the whole files and keeps its Megatron shard.
-  parallel::Communicator* tp = grid.tp && grid.tp->size() > 1 ? grid.tp : nullptr;
-  if (tp && o.mode == ConversionMode::rm_ce && o.ce_source == CeSource::teacher)
-    OPDLM_FAIL_AT(o.parallel_origin.empty() ? "config" : o.parallel_origin, "parallel.tp",
-                  "rm-ce with loss.ce_source = teacher samples with the AR decoder, which is not tensor parallel yet; ",
-                  "use parallel.tp = 1 for it");
   std::optional<parallel::TpPlan> plan;
   auto make_model = [&](model::Qwen3Weights full, bool trainable) {
     if (!tp) return model::Qwen3Model(std::move(full), trainable);
-    parallel::PreflightInput in;
-    in.shape = {tp->size(), tp->size()};
-    in.num_heads = full.config().num_attention_heads;
-    in.num_kv_heads = full.config().num_key_value_heads;
-    in.intermediate_size = full.config().intermediate_size;
-    in.vocab_size = full.config().vocab_size;
-    in.check_slurm_ntasks = false;
-    plan = parallel::preflight(in);
+    plan = model::tp_plan(full.config(), tp->size());
     const model::VocabRange vr = model::vocab_range(full.config(), *plan, tp->rank());
     return model::Qwen3Model(model::shard_weights(full, *plan, tp->rank()), trainable,
                              {tp, full.config(), vr.begin, vr.real});

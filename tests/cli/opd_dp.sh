@@ -3,10 +3,10 @@
 # one process without mpirun, `mpiexec -n 2` and `mpiexec -n 4` (DP = 2, 4): the sha256 of every
 # tensor of model.h5 and every metrics line apart from wall-clock fields are equal; `--parallel.tp=2`
 # on 2 and 4 ranks (TP 2, TP 2 x DP 2): every count equal (the same tokens), losses, norms and probe
-# KLs within 1e-6 (relative; absolute for values below 1). Then the launch refusals: DP not a power of two, TP beyond the KV heads,
-# the srun singleton trap (SLURM_NTASKS != world size) and --mode ar under mpiexec, each a non-zero
-# exit that names the field and leaves no output behind. A tiny teacher (2 layers, hidden 32) trained
-# here; ~30 s.
+# KLs within 1e-6 (relative; absolute for values below 1). Then the launch refusals: DP not a power
+# of two, TP beyond the KV heads, top-p and rm-ce teacher sampling under TP, the srun singleton trap
+# (SLURM_NTASKS != world size) and --mode ar under mpiexec, each a non-zero exit that names the field
+# and leaves no output behind. A tiny teacher (2 layers, hidden 32) trained here; ~30 s.
 set -euo pipefail
 OPDLM=$(readlink -f "$1")
 shift
@@ -105,7 +105,12 @@ expect_refusal dp3 "parallel.tp" "${MPIEXEC[@]}" -n 3 "$OPDLM" "${OPD[@]}" --run
 grep -q "power of two" dp3.err || fail "dp3: the reason is not given"
 expect_refusal tp4 "num_key_value_heads" "${MPIEXEC[@]}" -n 4 "$OPDLM" "${OPD[@]}" \
   --parallel.tp=4 --run.out_dir=tp4
+expect_refusal topp "rollout.top_p" "${MPIEXEC[@]}" -n 2 "$OPDLM" "${OPD[@]}" --parallel.tp=2 --rollout.top_p=0.9 \
+  --run.out_dir=topp
+expect_refusal rmce_teacher "loss.ce_source = teacher" "${MPIEXEC[@]}" -n 2 "$OPDLM" train --mode rm-ce \
+  --model.teacher=teacher/model.h5 --model.tokenizer=tok.json --data.prompts=arith/conversion.jsonl \
+  --loss.ce_source=teacher --parallel.tp=2 --run.out_dir=rmce_teacher
 SLURM_NTASKS=4 expect_refusal slurm "SLURM_NTASKS" "$OPDLM" "${OPD[@]}" --run.out_dir=slurm
 expect_refusal ar_np2 "OMPI_COMM_WORLD_SIZE" "${MPIEXEC[@]}" -n 2 "$OPDLM" train --mode ar --model.config=config.json \
   --model.tokenizer=tok.json --data.train=train.bin --optim.max_steps=2 --run.out_dir=ar_np2
-echo "opd_dp: one process = DP 2 = DP 4 bit for bit, = TP 2 and TP 2 x DP 2 within 1e-6; 4 refusals"
+echo "opd_dp: one process = DP 2 = DP 4 bit for bit, = TP 2 and TP 2 x DP 2 within 1e-6; 6 refusals"

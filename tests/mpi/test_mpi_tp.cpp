@@ -27,15 +27,6 @@ model::Qwen3Config tp_test_config() {
   return test::tiny_qwen3_config(66, 32, 64, 4, 4, 8);  // vocabulary 66 = 4 * 17 - 2: padded at TP 4
 }
 
-parallel::TpPlan plan_for(const model::Qwen3Config& c, int tp) {
-  parallel::PreflightInput in;
-  in.shape = {tp, tp};
-  in.num_heads = c.num_attention_heads;
-  in.num_kv_heads = c.num_key_value_heads;
-  in.intermediate_size = c.intermediate_size;
-  in.vocab_size = c.vocab_size;
-  return parallel::preflight(in);
-}
 
 // max |a - b| / max |b| over the elements (b the reference).
 double rel_err(const std::vector<double>& a, const std::vector<double>& b) {
@@ -80,7 +71,7 @@ void check_tensor_parallel_model(DType dtype, double logit_tol, double grad_tol)
     SCOPED_TRACE("tp " + std::to_string(tp));
     auto group = world->split(r / tp, r, "tp");
     const int tr = group->rank();
-    const parallel::TpPlan plan = plan_for(c, tp);
+    const parallel::TpPlan plan = model::tp_plan(c, tp);
     const model::VocabRange vr = model::vocab_range(c, plan, tr);
     model::Qwen3Model shard(model::shard_weights(full_w, plan, tr), true, {group.get(), c, vr.begin, vr.real});
     ASSERT_EQ(shard.logit_columns(), vr.real);
@@ -173,7 +164,7 @@ TEST(TensorParallelModel, OpdRowsOnShardsEqualTheWholeModel) {
 
   for (int tp = 1; tp <= n; tp *= 2) {
     auto group = world->split(r / tp, r, "tp");
-    const parallel::TpPlan plan = plan_for(c, tp);
+    const parallel::TpPlan plan = model::tp_plan(c, tp);
     const model::VocabRange vr = model::vocab_range(c, plan, group->rank());
     const model::TensorParallel ctx{group.get(), c, vr.begin, vr.real};
     const model::Qwen3Model tshard(model::shard_weights(tw, plan, group->rank()), false, ctx);

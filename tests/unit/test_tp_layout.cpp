@@ -13,15 +13,6 @@ namespace {
 
 using namespace opdlm;
 
-parallel::TpPlan plan_for(const model::Qwen3Config& c, int tp) {
-  parallel::PreflightInput in;
-  in.shape = {tp, tp};
-  in.num_heads = c.num_attention_heads;
-  in.num_kv_heads = c.num_key_value_heads;
-  in.intermediate_size = c.intermediate_size;
-  in.vocab_size = c.vocab_size;
-  return parallel::preflight(in);
-}
 
 int64_t numel_of(const std::vector<std::pair<std::string, Shape>>& shapes) {
   int64_t n = 0;
@@ -39,7 +30,7 @@ std::vector<model::Qwen3Config> configs() {
 
 TEST(TpLayout, AtTp1TheShardsAreTheModelAndTheFormulaIsTheAllocation) {
   for (const auto& c : configs()) {
-    const auto plan = plan_for(c, 1);
+    const auto plan = model::tp_plan(c, 1);
     EXPECT_EQ(model::tp_shard_shapes(c, plan), model::Qwen3Weights::expected_shapes(c));
     const model::Qwen3Weights w(c);
     int64_t bytes = 0;
@@ -60,7 +51,7 @@ TEST(TpLayout, ShardsAddUpToTheWholePaddedModel) {
     for (int tp : {2, 4, 8}) {
       if (c.num_attention_heads % tp || c.intermediate_size % tp) continue;
       SCOPED_TRACE("tp " + std::to_string(tp));
-      const auto plan = plan_for(c, tp);
+      const auto plan = model::tp_plan(c, tp);
       const auto shapes = model::tp_shard_shapes(c, plan);
       const auto m = model::memory_per_rank(c, plan, 1);
       EXPECT_EQ(m.params, numel_of(shapes));  // the closed form counts what the shard shapes hold
@@ -81,7 +72,7 @@ TEST(TpLayout, Zero1AdamBytesAreWhatShardedAdamWHolds) {
   std::vector<Tensor*> params;
   std::vector<bool> no_decay;
   for (auto& t : w.tensors()) params.push_back(&t.value), no_decay.push_back(t.value.ndim() < 2);
-  const auto plan = plan_for(c, 1);
+  const auto plan = model::tp_plan(c, 1);
   for (int dp : {1, 2, 3, 4, 8}) {
     const auto m = model::memory_per_rank(c, plan, dp);
     int64_t sum = 0;
@@ -108,7 +99,7 @@ TEST(TpLayout, RealShardsHaveTheLayoutAndUnshardIsTheInverse) {
   full.init_random(9, 0.3);
   for (int tp : {1, 2, 4}) {
     SCOPED_TRACE("tp " + std::to_string(tp));
-    const parallel::TpPlan plan = plan_for(c, tp);
+    const parallel::TpPlan plan = model::tp_plan(c, tp);
     std::vector<model::Qwen3Weights> shards;
     int64_t real_rows = 0;
     for (int r = 0; r < tp; ++r) {
@@ -141,5 +132,5 @@ TEST(TpLayout, RealShardsHaveTheLayoutAndUnshardIsTheInverse) {
   }
   const model::Qwen3Config narrow = test::tiny_qwen3_config(64, 32, 64, 4, 2, 8);
   model::Qwen3Weights w(narrow);
-  EXPECT_ERROR_HAS(model::shard_weights(w, plan_for(narrow, 4), 0), "num_key_value_heads", "replicated");
+  EXPECT_ERROR_HAS(model::shard_weights(w, model::tp_plan(narrow, 4), 0), "num_key_value_heads", "replicated");
 }

@@ -15,6 +15,10 @@
 
 namespace opdlm::model {
 
+// The preflight's plan for this model at `tp` ranks (parallel::preflight on the model's dimensions,
+// a world of exactly tp ranks, no SLURM check): for code that already knows the layout is valid.
+parallel::TpPlan tp_plan(const Qwen3Config& c, int tp);
+
 // One TP rank's weight shapes, in Qwen3Weights' order and names: embedding and LM head split by
 // vocabulary rows (padded vocabulary), q/k/v and gate/up by output rows (column-parallel), o and
 // down by input columns (row-parallel); RMSNorm gains replicated. With tp = 1 these are
