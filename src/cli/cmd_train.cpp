@@ -98,7 +98,7 @@ int run_train(const std::vector<std::string>& args) {
   }
   if (launched_ranks() > 1)
     OPDLM_FAIL_AT("environment", "OMPI_COMM_WORLD_SIZE", "--mode ar (teacher pretraining) runs on one process; ",
-                  "launch it without mpirun/srun tasks (the conversion modes are the data-parallel ones)");
+                  "launch it without mpirun/srun tasks (the conversion modes are the ones that run on a TP x DP grid)");
   opdlm::ResolvedConfig cfg = opdlm::load_config(opdlm::train::ArTrainOptions::schema(), config, overrides);
   auto opts = opdlm::train::ArTrainOptions::from_config(cfg);
   auto s = opdlm::train::run_ar_training(opts, cfg.table());

@@ -12,8 +12,8 @@
 #include "opdlm/base/build_info.hpp"
 #include "opdlm/base/error.hpp"
 #include "opdlm/base/log.hpp"
-#include "opdlm/parallel/communicator.hpp"
 #include "opdlm/base/rng.hpp"
+#include "opdlm/parallel/communicator.hpp"
 
 namespace po = boost::program_options;
 
