@@ -12,6 +12,8 @@
 #include <string>
 #include <vector>
 
+#include <unistd.h>
+
 #include "opdlm/io/model_file.hpp"
 #include "opdlm/parallel/communicator.hpp"
 #include "opdlm/train/opd_trainer.hpp"
@@ -38,6 +40,14 @@ train::OpdTrainOptions case_options(const test::TinyOpdSetup& s, const Case& c, 
   o.rl_steps = 3;
   o.probe_every = 2;
   return o;
+}
+
+// A folder name no other run of this binary uses: ctest runs it under mpiexec -n 1, 2, 4 and as a
+// singleton at the same time, and the runs must not share (or delete) each other's files.
+std::string unique_name(const std::string& base, MpiCommunicator& world) {
+  std::vector<int64_t> pid = {world.rank() == 0 ? int64_t(::getpid()) : 0};
+  world.broadcast(std::span<int64_t>(pid), 0);
+  return base + "_n" + std::to_string(world.size()) + "_" + std::to_string(pid[0]);
 }
 
 // The step lines of a metrics log without wall-clock fields.
@@ -73,7 +83,7 @@ void expect_same_run(const std::string& ref_dir, const std::string& dir) {
 TEST(DataParallelOpd, EveryDpSizeTrainsBitForBitLikeOneProcess) {
   auto world = MpiCommunicator::world();
   const int n = world->size(), r = world->rank();
-  const auto s = test::make_tiny_opd_setup("mpi_dp", r == 0);
+  const auto s = test::make_tiny_opd_setup(unique_name("mpi_dp", *world), r == 0);
   world->barrier();
   const Case cases[] = {{"opd", train::ConversionMode::opd, train::CeSource::gold},
                         {"rm-kl", train::ConversionMode::rm_kl, train::CeSource::gold},
@@ -113,7 +123,7 @@ TEST(DataParallelOpd, EveryDpSizeTrainsBitForBitLikeOneProcess) {
 TEST(GridOpd, EveryTpDpLayoutTrainsLikeOneProcess) {
   auto world = MpiCommunicator::world();
   const int n = world->size(), r = world->rank();
-  const auto s = test::make_tiny_opd_setup("mpi_grid", r == 0, /*kv_heads=*/4);
+  const auto s = test::make_tiny_opd_setup(unique_name("mpi_grid", *world), r == 0, /*kv_heads=*/4);
   world->barrier();
   const Case c{"opd", train::ConversionMode::opd, train::CeSource::gold};
   if (r == 0) train::run_opd_training(case_options(s, c, "ref"), "test");
