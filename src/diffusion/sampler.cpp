@@ -253,10 +253,6 @@ RowStats row_stats(const float* x, int64_t V, bool with_entropy) {
   return {mx, std::log(z), with_entropy ? std::log(z) - s / z : 0.0};
 }
 
-// One denoising step of one sequence's block k at step t: `logits[i]` is the f32 row of the i-th
-// masked slot (slot order). Draws every masked slot, reveals by the strategy. The [MASK] id itself
-// is never drawn (a revealed slot must hold a real token); confidence and entropy still use the
-// unfiltered softmax over the whole vocabulary.
 // Reveals the slots of blk that the strategy picks from the draws d (one per masked slot, slot order).
 void reveal(Block& blk, std::span<const SlotDraw> d, int64_t t, int32_t global_step, const SamplerOptions& o) {
   const std::vector<int64_t> ms = blk.masked_slots();
@@ -295,6 +291,10 @@ std::vector<SlotDraw> vocab_parallel_draws(const Tensor& logits, const std::vect
   return d;
 }
 
+// One denoising step of one sequence's block k at step t: `logits[i]` is the f32 row of the i-th
+// masked slot (slot order). Draws every masked slot, reveals by the strategy. The [MASK] id itself
+// is never drawn (a revealed slot must hold a real token); confidence and entropy still use the
+// unfiltered softmax over the whole vocabulary.
 void denoise_step(Block& blk, const std::vector<const float*>& logits, int64_t V, int64_t k, int64_t t,
                   int32_t global_step, uint32_t sample_id, const SamplerOptions& o, std::vector<float>& row,
                   std::vector<float>& scratch) {

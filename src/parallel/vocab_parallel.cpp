@@ -14,21 +14,41 @@ namespace {
 
 constexpr double kNegInf = -std::numeric_limits<double>::infinity();
 
+// Per row over the whole vocabulary, in double: the maximum, z = sum exp(x - max) and, when asked,
+// s = sum exp(x - max) (x - max). Rows of -inf logits keep max = -inf and z = s = 0.
+struct RowSums {
+  std::vector<double> max, z, s;
+};
+
 template <class T>
-std::vector<double> logsumexp_kernel(const Tensor& x, Communicator& tp) {
+RowSums row_sums_kernel(const Tensor& x, Communicator& tp, bool with_s) {
   const int64_t n = x.size(0), V = x.size(1);
   const T* p = x.data<T>();
-  std::vector<double> mx(size_t(n), kNegInf), s(size_t(n), 0.0);
+  RowSums out;
+  out.max.assign(size_t(n), kNegInf);
   for (int64_t i = 0; i < n; ++i)
-    for (int64_t v = 0; v < V; ++v) mx[size_t(i)] = std::max(mx[size_t(i)], static_cast<double>(p[i * V + v]));
-  tp.all_reduce(std::span<double>(mx), ReduceOp::max);
+    for (int64_t v = 0; v < V; ++v) out.max[size_t(i)] = std::max(out.max[size_t(i)], static_cast<double>(p[i * V + v]));
+  tp.all_reduce(std::span<double>(out.max), ReduceOp::max);
+  std::vector<double> zs(size_t(2 * n), 0.0);  // per row: z, s (one tree all-reduce for both)
   for (int64_t i = 0; i < n; ++i) {
-    if (mx[size_t(i)] == kNegInf) continue;
-    for (int64_t v = 0; v < V; ++v) s[size_t(i)] += std::exp(static_cast<double>(p[i * V + v]) - mx[size_t(i)]);
+    if (out.max[size_t(i)] == kNegInf) continue;
+    for (int64_t v = 0; v < V; ++v) {
+      const double d = static_cast<double>(p[i * V + v]) - out.max[size_t(i)];
+      const double e = std::exp(d);
+      zs[size_t(2 * i)] += e;
+      if (with_s) zs[size_t(2 * i + 1)] += e * d;
+    }
   }
-  tp.all_reduce_tree(std::span<double>(s));
-  for (int64_t i = 0; i < n; ++i) s[size_t(i)] = mx[size_t(i)] == kNegInf ? kNegInf : mx[size_t(i)] + std::log(s[size_t(i)]);
-  return s;
+  tp.all_reduce_tree(std::span<double>(zs));
+  out.z.resize(size_t(n));
+  out.s.resize(size_t(n));
+  for (int64_t i = 0; i < n; ++i) out.z[size_t(i)] = zs[size_t(2 * i)], out.s[size_t(i)] = zs[size_t(2 * i + 1)];
+  return out;
+}
+
+RowSums row_sums(const Tensor& logits, Communicator& tp, bool with_s) {
+  return logits.dtype() == DType::f32 ? row_sums_kernel<float>(logits, tp, with_s)
+                                      : row_sums_kernel<double>(logits, tp, with_s);
 }
 
 // The row log-sum-exp rounded to the logits' dtype (as ops::divergence_forward stores it).
@@ -72,7 +92,7 @@ std::vector<uint8_t> topk_keep(const Tensor& teacher, int64_t K, Communicator& t
   return keep;
 }
 
-std::vector<double> row_sums(const Tensor& g) {
+std::vector<double> sum_per_row(const Tensor& g) {
   const int64_t n = g.size(0), V = g.size(1);
   const double* p = g.data<double>();
   std::vector<double> s(size_t(n), 0.0);
@@ -85,7 +105,10 @@ std::vector<double> row_sums(const Tensor& g) {
 
 std::vector<double> vp_logsumexp(const Tensor& logits, Communicator& tp) {
   check_2d(logits, "logits");
-  return logits.dtype() == DType::f32 ? logsumexp_kernel<float>(logits, tp) : logsumexp_kernel<double>(logits, tp);
+  const RowSums r = row_sums(logits, tp, false);
+  std::vector<double> lse(r.max.size());
+  for (size_t i = 0; i < lse.size(); ++i) lse[i] = r.max[i] == kNegInf ? kNegInf : r.max[i] + std::log(r.z[i]);
+  return lse;
 }
 
 Tensor vp_log_softmax(const Tensor& logits, Communicator& tp) {
@@ -120,7 +143,7 @@ Tensor vp_divergence_backward(const Tensor& teacher_logp, const Tensor& student_
   Tensor g;
   ops::divergence_slice(teacher_logp, student_logits, student_lse, spec, &keep, &g);
   // dD/ds_j = g_j - u_j * sum over the whole vocabulary of g.
-  std::vector<double> G = row_sums(g);
+  std::vector<double> G = sum_per_row(g);
   tp.all_reduce_tree(std::span<double>(G));
   const Tensor s = student_logits.to(DType::f64), e = student_lse.to(DType::f64), c = dloss.to(DType::f64);
   Tensor ds = Tensor::empty({n, V}, DType::f64);
@@ -187,27 +210,14 @@ Tensor vp_cross_entropy_backward(const Tensor& logits, const Tensor& targets, co
 RowSoftmaxStats vp_row_stats(const Tensor& logits, Communicator& tp, bool with_entropy) {
   expect_dtype(logits, "logits", {DType::f32});
   check_2d(logits, "logits");
-  const int64_t n = logits.size(0), V = logits.size(1);
-  const float* x = logits.data<float>();
+  const RowSums r = row_sums(logits, tp, with_entropy);
   RowSoftmaxStats st;
-  st.max.assign(size_t(n), kNegInf);
-  for (int64_t i = 0; i < n; ++i)
-    for (int64_t v = 0; v < V; ++v) st.max[size_t(i)] = std::max(st.max[size_t(i)], double(x[i * V + v]));
-  tp.all_reduce(std::span<double>(st.max), ReduceOp::max);
-  std::vector<double> zs(size_t(2 * n), 0.0);  // per row: sum e, sum e (x - max)
-  for (int64_t i = 0; i < n; ++i)
-    for (int64_t v = 0; v < V; ++v) {
-      const double d = double(x[i * V + v]) - st.max[size_t(i)];
-      const double e = std::exp(d);
-      zs[size_t(2 * i)] += e;
-      if (with_entropy) zs[size_t(2 * i + 1)] += e * d;
-    }
-  tp.all_reduce_tree(std::span<double>(zs));
-  st.log_z.resize(size_t(n));
-  st.entropy.assign(size_t(n), 0.0);
-  for (int64_t i = 0; i < n; ++i) {
-    st.log_z[size_t(i)] = std::log(zs[size_t(2 * i)]);
-    if (with_entropy) st.entropy[size_t(i)] = st.log_z[size_t(i)] - zs[size_t(2 * i + 1)] / zs[size_t(2 * i)];
+  st.max = r.max;
+  st.log_z.resize(r.z.size());
+  st.entropy.assign(r.z.size(), 0.0);
+  for (size_t i = 0; i < r.z.size(); ++i) {
+    st.log_z[i] = std::log(r.z[i]);
+    if (with_entropy) st.entropy[i] = st.log_z[i] - r.s[i] / r.z[i];
   }
   return st;
 }

@@ -3,25 +3,23 @@
 #include "opdlm/train/opd_trainer.hpp"
 
 #include <chrono>
-#include <optional>
 #include <cmath>
 #include <filesystem>
 #include <fstream>
 #include <nlohmann/json.hpp>
 #include <numbers>
+#include <optional>
 
 #include "opdlm/base/error.hpp"
 #include "opdlm/base/log.hpp"
 #include "opdlm/diffusion/rollout_buffer.hpp"
+#include "opdlm/diffusion/rollout_exchange.hpp"
 #include "opdlm/io/jsonl_dataset.hpp"
 #include "opdlm/io/model_file.hpp"
 #include "opdlm/io/token_shard.hpp"
 #include "opdlm/io/tokenizer.hpp"
 #include "opdlm/model/ar_generate.hpp"
-#include "opdlm/diffusion/rollout_exchange.hpp"
-#include "opdlm/ops/grad_norm.hpp"
 #include "opdlm/model/tp_layout.hpp"
-#include "opdlm/parallel/process_grid.hpp"
 #include "opdlm/parallel/tree_sum.hpp"
 #include "opdlm/parallel/zero1.hpp"
 #include "opdlm/train/train_common.hpp"
@@ -286,19 +284,30 @@ std::vector<size_t> my_share(const std::vector<uint32_t>& sample_ids, const para
   return out;
 }
 
-// Every DP rank decodes its share of (prompts, sample_ids) with the student; the rollouts of all
-// ranks, in sample-id order (= the order of the inputs, which are ascending).
+// Every DP rank decodes its share of (prompts, sample_ids) with `decode(ids, sids)` (returning one
+// Rollout per input); the rollouts of all ranks, in sample-id order (= the order of the inputs,
+// which are ascending).
+template <class Decode>
+std::vector<diffusion::Rollout> shared_generate(const std::vector<std::vector<int32_t>>& prompts,
+                                                const std::vector<uint32_t>& sample_ids, parallel::Communicator& dp,
+                                                Decode&& decode) {
+  std::vector<std::vector<int32_t>> ids;
+  std::vector<uint32_t> sids;
+  for (size_t i : my_share(sample_ids, dp)) ids.push_back(prompts[i]), sids.push_back(sample_ids[i]);
+  const auto mine = ids.empty() ? std::vector<diffusion::Rollout>{} : decode(ids, sids);
+  auto all = diffusion::all_gather_rollouts(mine, dp);
+  if (all.size() != sample_ids.size()) OPDLM_FAIL("DP rollouts: gathered ", all.size(), " of ", sample_ids.size());
+  return all;
+}
+
+// The student's block-diffusion rollouts, decoded in shares over DP.
 std::vector<diffusion::Rollout> shared_bd_generate(const model::Qwen3Model& student,
                                                    const std::vector<std::vector<int32_t>>& prompts,
                                                    const std::vector<uint32_t>& sample_ids,
                                                    const diffusion::SamplerOptions& so, parallel::Communicator& dp) {
-  std::vector<std::vector<int32_t>> ids;
-  std::vector<uint32_t> sids;
-  for (size_t i : my_share(sample_ids, dp)) ids.push_back(prompts[i]), sids.push_back(sample_ids[i]);
-  const auto mine = ids.empty() ? std::vector<diffusion::Rollout>{} : diffusion::bd_generate(student, ids, sids, so);
-  auto all = diffusion::all_gather_rollouts(mine, dp);
-  if (all.size() != sample_ids.size()) OPDLM_FAIL("DP rollouts: gathered ", all.size(), " of ", sample_ids.size());
-  return all;
+  return shared_generate(prompts, sample_ids, dp, [&](const auto& ids, const auto& sids) {
+    return diffusion::bd_generate(student, ids, sids, so);
+  });
 }
 
 }  // namespace
@@ -317,15 +326,16 @@ OpdTrainSummary run_opd_training(const OpdTrainOptions& o, const std::string& re
   namespace fs = std::filesystem;
   parallel::LocalCommunicator one_process;
   parallel::Communicator& dp = grid.dp ? *grid.dp : one_process;
-  const int64_t rows_per_rank = dp_rows_per_rank(dp.size(), o.rows_per_update, o.parallel_origin.empty() ? "config" : o.parallel_origin);
+  const std::string layout_where = o.parallel_origin.empty() ? "config" : o.parallel_origin;
+  const int64_t rows_per_rank = dp_rows_per_rank(dp.size(), o.rows_per_update, layout_where);
   // Refusals of the layout come before anything is written.
   parallel::Communicator* tp = grid.tp && grid.tp->size() > 1 ? grid.tp : nullptr;
   if (tp && o.mode == ConversionMode::rm_ce && o.ce_source == CeSource::teacher)
-    OPDLM_FAIL_AT(o.parallel_origin.empty() ? "config" : o.parallel_origin, "parallel.tp",
+    OPDLM_FAIL_AT(layout_where, "parallel.tp",
                   "rm-ce with loss.ce_source = teacher samples with the AR decoder, which is not tensor parallel yet; ",
                   "use parallel.tp = 1 for it");
   if (tp && o.sampler.sampling.top_p < 1.0)
-    OPDLM_FAIL_AT(o.parallel_origin.empty() ? "config" : o.parallel_origin, "rollout.top_p",
+    OPDLM_FAIL_AT(layout_where, "rollout.top_p",
                   "top_p < 1 is not vocab-parallel yet; use rollout.top_p = 1 with parallel.tp > 1");
   const bool writer = grid.writes_outputs;
   const std::string model_path = o.out_dir + "/model.h5";
@@ -579,19 +589,18 @@ OpdTrainSummary run_opd_training(const OpdTrainOptions& o, const std::string& re
       ao.step = ustep;
       // Each DP rank samples its share; the samples travel as rollouts (no step map).
       std::vector<std::vector<int32_t>> ids;
-      std::vector<uint32_t> sids;
-      const auto share = my_share(sample_ids, dp);
-      for (size_t i : share) ids.push_back(batch[i]->prompt), sids.push_back(sample_ids[i]);
-      const auto gs = ids.empty() ? std::vector<model::ArGeneration>{} : model::ar_generate(*teacher, ids, sids, ao);
-      std::vector<diffusion::Rollout> mine(gs.size());
-      for (size_t k = 0; k < gs.size(); ++k) {
-        mine[k].sample_id = sids[k];
-        mine[k].prompt = ids[k];
-        mine[k].response = gs[k].tokens;
-        mine[k].stopped_at_eos = gs[k].stopped_at_eos;
-      }
-      const auto all = diffusion::all_gather_rollouts(mine, dp);
-      if (all.size() != batch.size()) OPDLM_FAIL("DP teacher samples: gathered ", all.size(), " of ", batch.size());
+      for (const auto* p : batch) ids.push_back(p->prompt);
+      const auto all = shared_generate(ids, sample_ids, dp, [&](const auto& mine_ids, const auto& mine_sids) {
+        const auto gs = model::ar_generate(*teacher, mine_ids, mine_sids, ao);
+        std::vector<diffusion::Rollout> rs(gs.size());
+        for (size_t k = 0; k < gs.size(); ++k) {
+          rs[k].sample_id = mine_sids[k];
+          rs[k].prompt = mine_ids[k];
+          rs[k].response = gs[k].tokens;
+          rs[k].stopped_at_eos = gs[k].stopped_at_eos;
+        }
+        return rs;
+      });
       for (size_t i = 0; i < all.size(); ++i)
         if (!all[i].response.empty()) samples.push_back({sample_ids[i], &batch[i]->prompt, all[i].response, {}});
     }
