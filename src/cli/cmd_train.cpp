@@ -38,6 +38,7 @@ opdlm::parallel::GridShape preflight_layout(const opdlm::train::OpdTrainOptions&
   in.vocab_size = info.config.vocab_size;
   if (const char* v = std::getenv("SLURM_NTASKS")) in.slurm_ntasks = std::atoll(v);
   in.check_slurm_ntasks = o.check_slurm_ntasks;
+  in.deterministic_shards = o.deterministic_shards;
   const opdlm::parallel::TpPlan plan = opdlm::parallel::preflight(in);
   if (plan.kv_replication > 1)
     OPDLM_FAIL_AT(in.config_file, "parallel.tp", "parallel.tp = ", plan.tp, " exceeds num_key_value_heads = ",

@@ -275,9 +275,9 @@ std::vector<SlotDraw> vocab_parallel_draws(const Tensor& logits, const std::vect
   Tensor no_mask = logits.clone();
   if (o.mask_id >= begin && o.mask_id < begin + V)
     for (int64_t i = 0; i < n; ++i) no_mask.data<float>()[i * V + (o.mask_id - begin)] = -std::numeric_limits<float>::infinity();
-  const parallel::VocabSlice slice{begin, model.full_config().vocab_size};
+  const parallel::VocabSlice slice = model.vocab_slice();
   const auto draws = parallel::vp_sample_tokens(no_mask, keys, o.sampling, tp, slice);
-  const auto st = parallel::vp_row_stats(logits, tp, o.strategy == Strategy::entropy_bounded);
+  const auto st = parallel::vp_row_stats(logits, tp, o.strategy == Strategy::entropy_bounded, slice);
   std::vector<double> pick(static_cast<size_t>(n), 0.0);  // the drawn token's logit, from its rank
   for (int64_t i = 0; i < n; ++i) {
     const int64_t c = draws[size_t(i)].token - begin;

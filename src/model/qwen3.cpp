@@ -2,6 +2,7 @@
 // the backward walks the layers in reverse from the saved activations.
 #include "opdlm/model/qwen3.hpp"
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <string>
@@ -13,6 +14,7 @@
 #include "opdlm/ops/rmsnorm.hpp"
 #include "opdlm/ops/swiglu.hpp"
 #include "opdlm/parallel/communicator.hpp"
+#include "opdlm/parallel/vocab_parallel.hpp"
 
 namespace opdlm::model {
 
@@ -156,6 +158,13 @@ Qwen3Model::Qwen3Model(Qwen3Weights weights, bool trainable, TensorParallel tp)
       OPDLM_FAIL("Qwen3Model: vocabulary rows [", tp_.vocab_begin, ", ", tp_.vocab_begin + tp_.vocab_real,
                  ") do not fit the shard (", weights_.config().vocab_size, " rows) and the vocabulary (",
                  tp_.full.vocab_size, ")");
+    if (tp_.pieces < 0) OPDLM_FAIL("Qwen3Model: ", tp_.pieces, " virtual shards per rank");
+    const Qwen3Config& sc = weights_.config();
+    if (tp_.pieces > 0 && (sc.num_attention_heads % tp_.pieces || sc.num_key_value_heads % tp_.pieces ||
+                           sc.intermediate_size % tp_.pieces || sc.vocab_size % tp_.pieces))
+      OPDLM_FAIL("Qwen3Model: the shard (", sc.num_attention_heads, " heads, ", sc.num_key_value_heads,
+                 " KV heads, FFN ", sc.intermediate_size, ", ", sc.vocab_size, " vocabulary rows) does not cut into ",
+                 tp_.pieces, " virtual shards (parallel.deterministic_shards)");
   }
   const Qwen3Config& c = weights_.config();
   c.validate("Qwen3Model config");
@@ -215,6 +224,151 @@ void Qwen3Model::tp_sum(Tensor& t) const {
   if (!tp_.comm) return;
   if (t.dtype() == DType::f32) tp_.comm->all_reduce_tree(std::span<float>(t.data<float>(), size_t(t.numel())));
   else tp_.comm->all_reduce_tree(std::span<double>(t.data<double>(), size_t(t.numel())));
+}
+
+parallel::VocabSlice Qwen3Model::vocab_slice() const {
+  const int p = pieces();
+  return {tp_.comm ? tp_.vocab_begin : 0, full_config().vocab_size, p, p ? config().vocab_size / p : 0};
+}
+
+// ---- products of a shard: one call, or virtual shard by virtual shard (deterministic mode) ----------
+
+namespace {
+// dst[:, c0 : c0 + src.size(1)] = src, or += src when `add` (one rounding, as a gemm's beta = 1).
+template <class T>
+void put_cols_t(Tensor& dst, const Tensor& src, int64_t c0, bool add) {
+  const int64_t n = src.size(0), w = src.size(1), ld = dst.size(1);
+  T* d = dst.data<T>();
+  const T* s = src.data<T>();
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t j = 0; j < w; ++j) d[i * ld + c0 + j] = add ? d[i * ld + c0 + j] + s[i * w + j] : s[i * w + j];
+}
+void put_cols(Tensor& dst, const Tensor& src, int64_t c0, bool add) {
+  if (dst.dtype() == DType::f32) put_cols_t<float>(dst, src, c0, add);
+  else put_cols_t<double>(dst, src, c0, add);
+}
+
+// The parts [pieces, ...] summed over the virtual shards of the TP group into out.
+void piece_sum(parallel::Communicator& tp, int pieces, const Tensor& parts, Tensor& out) {
+  if (out.dtype() == DType::f32)
+    parallel::virtual_shard_sum(tp, pieces, std::span<const float>(parts.data<float>(), size_t(parts.numel())),
+                                std::span<float>(out.data<float>(), size_t(out.numel())));
+  else
+    parallel::virtual_shard_sum(tp, pieces, std::span<const double>(parts.data<double>(), size_t(parts.numel())),
+                                std::span<double>(out.data<double>(), size_t(out.numel())));
+}
+
+// Piece v's part of a [pieces, ...] tensor, as a [rows, cols] view.
+Tensor part(Tensor& parts, int64_t v, int64_t rows, int64_t cols) {
+  return parts.slice(v, v + 1).view({rows, cols});
+}
+}  // namespace
+
+Tensor Qwen3Model::column_forward(const Tensor& x, const Tensor& w, int64_t real_rows) const {
+  const Tensor wr = real_rows == w.size(0) ? w : w.slice(0, real_rows);
+  const int p = pieces();
+  if (!p) return ops::linear_forward(x, wr);
+  // Piece v: rows [v * width, (v + 1) * width) of the shard, cut at the real rows (vocabulary padding).
+  const int64_t width = w.size(0) / p;
+  Tensor y = Tensor::zeros({x.size(0), real_rows}, x.dtype());
+  for (int64_t v = 0; v < p; ++v) {
+    const int64_t r0 = v * width, r1 = std::min(real_rows, r0 + width);
+    if (r1 > r0) put_cols(y, ops::linear_forward(x, w.slice(r0, r1)), r0, false);
+  }
+  return y;
+}
+
+Tensor Qwen3Model::row_forward(const Tensor& x, const Tensor& w) const {
+  const int p = pieces();
+  if (!p) {
+    Tensor y = ops::linear_forward(x, w);
+    tp_sum(y);
+    return y;
+  }
+  const int64_t n = x.size(0), out = w.size(0), k = w.size(1) / p;
+  Tensor parts = Tensor::empty({p, n, out}, x.dtype()), y = Tensor::empty({n, out}, x.dtype());
+  for (int64_t v = 0; v < p; ++v) {
+    const Tensor yv = ops::linear_forward(x.columns(v * k, (v + 1) * k), w.columns(v * k, (v + 1) * k));
+    std::memcpy(part(parts, v, n, out).raw_data(), yv.raw_data(), size_t(yv.nbytes()));
+  }
+  piece_sum(*tp_.comm, p, parts, y);
+  return y;
+}
+
+Tensor Qwen3Model::column_backward(const Tensor& x, std::initializer_list<ColumnGrad> terms, int64_t real_rows) {
+  auto gw = [&](int64_t i) -> Tensor& { return grads_.tensors()[size_t(i)].value; };
+  OPDLM_CHECK(real_rows < 0 || terms.size() == 1, "column_backward: real_rows cuts a single term");
+  const int p = pieces();
+  // Piece v of every term (v = -1: the whole shard in one call): weight gradients first, then
+  // dx = dy_0 @ w_0 + dy_1 @ w_1 + ... in term order. Each term cuts its own rows (q and k/v differ);
+  // real_rows (the head's vocabulary padding) cuts a single term.
+  auto piece = [&](int64_t v, Tensor& dx) {
+    bool first = true;
+    std::vector<std::pair<Tensor, Tensor>> dy_w;  // the term's dy columns and weight rows of this piece
+    for (const ColumnGrad& t : terms) {
+      const int64_t all = w(t.w).size(0), real = real_rows < 0 ? all : real_rows;
+      const int64_t r0 = v < 0 ? 0 : v * (all / p), r1 = v < 0 ? real : std::min(real, r0 + all / p);
+      if (r1 <= r0) return false;  // vocabulary padding only: a +0 part
+      Tensor g = gw(t.w).slice(r0, r1);
+      dy_w.emplace_back(v < 0 ? *t.dy : t.dy->columns(r0, r1), w(t.w).slice(r0, r1));
+      ops::linear_backward(x, dy_w.back().second, dy_w.back().first, first ? &dx : nullptr, &g);
+      first = false;
+    }
+    for (size_t j = 1; j < dy_w.size(); ++j) ops::matmul(dy_w[j].first, false, dy_w[j].second, false, dx, 1, 1);
+    return true;
+  };
+  const int64_t n = x.size(0), H = x.size(1);
+  Tensor dx;
+  if (!p) {
+    if (!piece(-1, dx)) dx = Tensor::zeros({n, H}, x.dtype());  // a rank without real vocabulary rows
+    tp_sum(dx);
+    return dx;
+  }
+  Tensor parts = Tensor::zeros({p, n, H}, x.dtype());
+  dx = Tensor::empty({n, H}, x.dtype());
+  for (int64_t v = 0; v < p; ++v) {
+    Tensor dxv;
+    if (piece(v, dxv)) std::memcpy(part(parts, v, n, H).raw_data(), dxv.raw_data(), size_t(dxv.nbytes()));
+  }
+  piece_sum(*tp_.comm, p, parts, dx);
+  return dx;
+}
+
+void Qwen3Model::row_backward(const Tensor& x, int64_t wi, const Tensor& dy, Tensor* dx) {
+  Tensor& g = grads_.tensors()[size_t(wi)].value;
+  const int p = pieces();
+  if (!p) return ops::linear_backward(x, w(wi), dy, dx, &g);
+  const int64_t k = w(wi).size(1) / p;
+  *dx = Tensor::empty({x.size(0), w(wi).size(1)}, x.dtype());
+  for (int64_t v = 0; v < p; ++v) {
+    Tensor dxv, gv = Tensor::zeros({g.size(0), k}, g.dtype());
+    ops::linear_backward(x.columns(v * k, (v + 1) * k), w(wi).columns(v * k, (v + 1) * k), dy, &dxv, &gv);
+    put_cols(*dx, dxv, v * k, false);
+    put_cols(g, gv, v * k, true);
+  }
+}
+
+Tensor Qwen3Model::norm_gain_grad(const Tensor& x, const Tensor& wn, const Tensor& rstd, const Tensor& dy,
+                                  int64_t heads) const {
+  const int p = pieces();
+  Tensor gn = Tensor::zeros(wn.shape(), dtype());
+  if (!p) {
+    ops::rmsnorm_backward(x, wn, rstd, dy, nullptr, &gn);
+    tp_sum(gn);
+    return gn;
+  }
+  // Piece v: the rows of its heads, token-major as in one process's piece.
+  const int64_t hd = x.size(1), n = x.size(0) / heads, h = heads / p;
+  const Tensor xr = x.view({n, heads * hd}), dr = dy.view({n, heads * hd}), sr = rstd.view({n, heads});
+  Tensor parts = Tensor::zeros({p, hd}, dtype());
+  for (int64_t v = 0; v < p; ++v) {
+    Tensor gv = part(parts, v, 1, hd).view({hd});
+    const int64_t c0 = v * h * hd, c1 = (v + 1) * h * hd;
+    ops::rmsnorm_backward(xr.columns(c0, c1).view({n * h, hd}), wn, sr.columns(v * h, (v + 1) * h).view({n * h}),
+                          dr.columns(c0, c1).view({n * h, hd}), nullptr, &gv);
+  }
+  piece_sum(*tp_.comm, p, parts, gn);
+  return gn;
 }
 
 Tensor Qwen3Model::local_ids(const Tensor& ids, std::vector<uint8_t>& inside) const {
@@ -319,9 +473,9 @@ Tensor Qwen3Model::run(const Tensor& ids, const Tensor& positions, std::span<con
     // Attention block: q/k/v projections, per-head RMSNorm on q and k, RoPE, GQA attention.
     a.x_in = x;
     const Tensor h = ops::rmsnorm_forward(x, w(L.input_norm), eps, &a.rstd_in);
-    a.q_pre = ops::linear_forward(h, w(L.q_proj)).view({n * Hq, hd});
-    a.k_pre = ops::linear_forward(h, w(L.k_proj)).view({n * Hkv, hd});
-    a.v = ops::linear_forward(h, w(L.v_proj)).view({B, T, Hkv, hd});
+    a.q_pre = column_forward(h, w(L.q_proj), Hq * hd).view({n * Hq, hd});
+    a.k_pre = column_forward(h, w(L.k_proj), Hkv * hd).view({n * Hkv, hd});
+    a.v = column_forward(h, w(L.v_proj), Hkv * hd).view({B, T, Hkv, hd});
     Tensor q = ops::rmsnorm_forward(a.q_pre, w(L.q_norm), eps, &a.q_rstd).view({n, Hq, hd});
     Tensor k = ops::rmsnorm_forward(a.k_pre, w(L.k_norm), eps, &a.k_rstd).view({n, Hkv, hd});
     ops::rope_inplace(q, rope);
@@ -345,8 +499,7 @@ Tensor Qwen3Model::run(const Tensor& ids, const Tensor& positions, std::span<con
         std::memcpy(static_cast<char*>(a.attn.raw_data()) + b * row_bytes, ob.raw_data(), row_bytes);
       }
     }
-    Tensor o = ops::linear_forward(a.attn.view({n, Hq * hd}), w(L.o_proj));
-    tp_sum(o);  // row-parallel o_proj: partial sums over the heads of each rank
+    const Tensor o = row_forward(a.attn.view({n, Hq * hd}), w(L.o_proj));  // partial sums over each rank's heads
     // Without saved activations the stream is updated in place.
     if (acts) {
       a.x_mid = ops::residual_forward(x, o);
@@ -357,10 +510,9 @@ Tensor Qwen3Model::run(const Tensor& ids, const Tensor& positions, std::span<con
 
     // MLP block: RMSNorm, SwiGLU, down projection, residual.
     const Tensor h2 = ops::rmsnorm_forward(a.x_mid, w(L.post_norm), eps, &a.rstd_mid);
-    a.gate = ops::linear_forward(h2, w(L.gate_proj));
-    a.up = ops::linear_forward(h2, w(L.up_proj));
-    Tensor d = ops::linear_forward(ops::swiglu_forward(a.gate, a.up), w(L.down_proj));
-    tp_sum(d);  // row-parallel down_proj
+    a.gate = column_forward(h2, w(L.gate_proj), w(L.gate_proj).size(0));
+    a.up = column_forward(h2, w(L.up_proj), w(L.up_proj).size(0));
+    const Tensor d = row_forward(ops::swiglu_forward(a.gate, a.up), w(L.down_proj));
     if (acts) {
       x = ops::residual_forward(a.x_mid, d);
     } else {
@@ -374,7 +526,7 @@ Tensor Qwen3Model::run(const Tensor& ids, const Tensor& positions, std::span<con
   Tensor xf = rows.defined() ? gather_rows(x, rows) : x;
   Tensor rstd;
   Tensor hf = ops::rmsnorm_forward(xf, w(norm_idx_), eps, &rstd);
-  Tensor logits = ops::linear_forward(hf, tp_.comm ? w(head_idx_).slice(0, tp_.vocab_real) : w(head_idx_));
+  Tensor logits = column_forward(hf, w(head_idx_), logit_columns());
   if (acts) {
     acts->x_final = xf;
     acts->rstd_final = rstd;
@@ -402,14 +554,9 @@ void Qwen3Model::backward(const Qwen3Activations& acts, const Tensor& dlogits) {
   auto g = [&](int64_t i) -> Tensor& { return grads_.tensors()[size_t(i)].value; };
 
   // LM head and final norm (the head's gradient lands in the embedding's when tied).
-  Tensor dh, dxf;
-  if (tp_.comm) {  // vocab-parallel head: the real rows of the shard; dh is a partial sum
-    Tensor gh = g(head_idx_).slice(0, tp_.vocab_real);
-    ops::linear_backward(acts.h_final, w(head_idx_).slice(0, tp_.vocab_real), dlogits, &dh, &gh);
-    tp_sum(dh);
-  } else {
-    ops::linear_backward(acts.h_final, w(head_idx_), dlogits, &dh, &g(head_idx_));
-  }
+  // Vocab-parallel head: the real rows of the shard; dh is a partial sum over TP.
+  Tensor dxf;
+  const Tensor dh = column_backward(acts.h_final, {{&dlogits, head_idx_}}, logit_columns());
   ops::rmsnorm_backward(acts.x_final, w(norm_idx_), acts.rstd_final, dh, &dxf, &g(norm_idx_));
   Tensor dx = acts.rows.defined() ? scatter_rows(dxf, acts.rows, n) : dxf;  // stream gradient [n, H]
 
@@ -419,24 +566,27 @@ void Qwen3Model::backward(const Qwen3Activations& acts, const Tensor& dlogits) {
 
     // MLP block (norm output and SwiGLU product recomputed: cheaper to redo than to keep).
     const Tensor h2 = ops::rmsnorm_forward(a.x_mid, w(L.post_norm), eps);
-    Tensor dact, dgate, dup, dh2, dxm;
-    ops::linear_backward(ops::swiglu_forward(a.gate, a.up), w(L.down_proj), dx, &dact, &g(L.down_proj));
+    Tensor dact, dgate, dup, dxm;
+    row_backward(ops::swiglu_forward(a.gate, a.up), L.down_proj, dx, &dact);
     ops::swiglu_backward(a.gate, a.up, dact, &dgate, &dup);
-    ops::linear_backward(h2, w(L.gate_proj), dgate, &dh2, &g(L.gate_proj));
-    ops::linear_backward(h2, w(L.up_proj), dup, nullptr, &g(L.up_proj));
-    ops::matmul(dup, false, w(L.up_proj), false, dh2, 1, 1);  // dh2 += dup @ W_up
-    tp_sum(dh2);  // column-parallel gate/up: each rank's FFN slice contributes
+    // Column-parallel gate/up: dh2 = dgate @ W_gate + dup @ W_up, each rank's FFN slice contributing.
+    const Tensor dh2 = column_backward(h2, {{&dgate, L.gate_proj}, {&dup, L.up_proj}});
     ops::rmsnorm_backward(a.x_mid, w(L.post_norm), a.rstd_mid, dh2, &dxm, &g(L.post_norm));
     ops::residual_backward(dxm, dx);
 
     // Attention block.
-    Tensor dattn, dq, dk, dv, dq_pre, dk_pre, dh1, dxi;
-    ops::linear_backward(a.attn.view({n, Hq * hd}), w(L.o_proj), dx, &dattn, &g(L.o_proj));
+    Tensor dattn, dq, dk, dv, dq_pre, dk_pre, dxi;
+    row_backward(a.attn.view({n, Hq * hd}), L.o_proj, dx, &dattn);
     ops::attention_backward(a.q, a.k, a.v, a.attn, a.lse, dattn.view({B, T, Hq, hd}), masks, scale, dq, dk, dv);
     Tensor dqr = dq.view({n, Hq, hd}), dkr = dk.view({n, Hkv, hd});
     ops::rope_inplace(dqr, acts.rope, /*inverse=*/true);
     ops::rope_inplace(dkr, acts.rope, /*inverse=*/true);
-    if (tp_.comm) {  // the q/k norm gains are shared by every head: sum the ranks' head subsets
+    if (pieces()) {  // the deterministic mode: gains summed piece by piece, input gradients per row
+      ops::rmsnorm_backward(a.q_pre, w(L.q_norm), a.q_rstd, dq.view({n * Hq, hd}), &dq_pre, nullptr);
+      ops::rmsnorm_backward(a.k_pre, w(L.k_norm), a.k_rstd, dk.view({n * Hkv, hd}), &dk_pre, nullptr);
+      ops::residual_add_inplace(g(L.q_norm), norm_gain_grad(a.q_pre, w(L.q_norm), a.q_rstd, dq.view({n * Hq, hd}), Hq));
+      ops::residual_add_inplace(g(L.k_norm), norm_gain_grad(a.k_pre, w(L.k_norm), a.k_rstd, dk.view({n * Hkv, hd}), Hkv));
+    } else if (tp_.comm) {  // the q/k norm gains are shared by every head: sum the ranks' head subsets
       Tensor gq = Tensor::zeros(w(L.q_norm).shape(), dtype()), gk = Tensor::zeros(w(L.k_norm).shape(), dtype());
       ops::rmsnorm_backward(a.q_pre, w(L.q_norm), a.q_rstd, dq.view({n * Hq, hd}), &dq_pre, &gq);
       ops::rmsnorm_backward(a.k_pre, w(L.k_norm), a.k_rstd, dk.view({n * Hkv, hd}), &dk_pre, &gk);
@@ -450,12 +600,8 @@ void Qwen3Model::backward(const Qwen3Activations& acts, const Tensor& dlogits) {
     }
     const Tensor h1 = ops::rmsnorm_forward(a.x_in, w(L.input_norm), eps);
     const Tensor dqf = dq_pre.view({n, Hq * hd}), dkf = dk_pre.view({n, Hkv * hd}), dvf = dv.view({n, Hkv * hd});
-    ops::linear_backward(h1, w(L.q_proj), dqf, &dh1, &g(L.q_proj));
-    ops::linear_backward(h1, w(L.k_proj), dkf, nullptr, &g(L.k_proj));
-    ops::linear_backward(h1, w(L.v_proj), dvf, nullptr, &g(L.v_proj));
-    ops::matmul(dkf, false, w(L.k_proj), false, dh1, 1, 1);  // dh1 += dk @ W_k + dv @ W_v
-    ops::matmul(dvf, false, w(L.v_proj), false, dh1, 1, 1);
-    tp_sum(dh1);  // column-parallel q/k/v
+    // Column-parallel q/k/v: dh1 = dq @ W_q + dk @ W_k + dv @ W_v.
+    const Tensor dh1 = column_backward(h1, {{&dqf, L.q_proj}, {&dkf, L.k_proj}, {&dvf, L.v_proj}});
     ops::rmsnorm_backward(a.x_in, w(L.input_norm), a.rstd_in, dh1, &dxi, &g(L.input_norm));
     ops::residual_backward(dxi, dx);
   }

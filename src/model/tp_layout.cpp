@@ -8,7 +8,7 @@
 
 namespace opdlm::model {
 
-parallel::TpPlan tp_plan(const Qwen3Config& c, int tp) {
+parallel::TpPlan tp_plan(const Qwen3Config& c, int tp, int64_t deterministic_shards) {
   parallel::PreflightInput in;
   in.shape = {tp, tp};
   in.num_heads = c.num_attention_heads;
@@ -16,6 +16,7 @@ parallel::TpPlan tp_plan(const Qwen3Config& c, int tp) {
   in.intermediate_size = c.intermediate_size;
   in.vocab_size = c.vocab_size;
   in.check_slurm_ntasks = false;
+  in.deterministic_shards = deterministic_shards;
   return parallel::preflight(in);
 }
 

@@ -178,6 +178,24 @@ void tree_all_reduce(Communicator& c, std::span<T> buf) {
 void Communicator::all_reduce_tree(std::span<float> buf) { tree_all_reduce(*this, buf); }
 void Communicator::all_reduce_tree(std::span<double> buf) { tree_all_reduce(*this, buf); }
 
+namespace {
+template <class T>
+void virtual_sum(Communicator& tp, int pieces, std::span<const T> parts, std::span<T> out) {
+  OPDLM_CHECK(pieces >= 1 && parts.size() == size_t(pieces) * out.size(), "virtual_shard_sum: ", parts.size(),
+              " values for ", pieces, " pieces of ", out.size());
+  std::vector<T> all(parts.size() * size_t(tp.size()));
+  tp.all_gather(parts, std::span<T>(all));  // rank r's pieces land at r * pieces: the virtual shard order
+  tree_combine_into(all.data(), size_t(pieces) * size_t(tp.size()), out.size(), out.data());
+}
+}  // namespace
+
+void virtual_shard_sum(Communicator& tp, int pieces, std::span<const float> parts, std::span<float> out) {
+  virtual_sum(tp, pieces, parts, out);
+}
+void virtual_shard_sum(Communicator& tp, int pieces, std::span<const double> parts, std::span<double> out) {
+  virtual_sum(tp, pieces, parts, out);
+}
+
 // ---- LocalCommunicator --------------------------------------------------------------------------------
 
 LocalCommunicator::LocalCommunicator(int rank, int size) : Communicator("local", flight_recorder()), rank_(rank), size_(size) {

@@ -77,11 +77,28 @@ TpPlan preflight(const PreflightInput& in) {
     OPDLM_FAIL_AT(in.model_file, "intermediate_size", "intermediate_size = ", in.intermediate_size,
                   " is not divisible by parallel.tp = ", tp, " (", in.config_file, ")");
   p.ffn_per_rank = in.intermediate_size / tp;
-  p.padded_vocab = (in.vocab_size + tp - 1) / tp * tp;
+  const int64_t C = in.deterministic_shards;
+  if (C < 0 || (C > 0 && C % tp != 0))
+    OPDLM_FAIL_AT(in.config_file, "parallel.deterministic_shards", "parallel.deterministic_shards = ", C,
+                  " must be 0 (off) or a multiple of parallel.tp = ", tp);
+  if (C > 0) {
+    // Every virtual shard must be a whole TP shard of a C-way layout: the same gemm shapes for every tp.
+    const std::pair<const char*, int64_t> dims[] = {{"num_attention_heads", in.num_heads},
+                                                     {"num_key_value_heads", in.num_kv_heads},
+                                                     {"intermediate_size", in.intermediate_size}};
+    for (const auto& [name, value] : dims)
+      if (value % C != 0)
+        OPDLM_FAIL_AT(in.config_file, "parallel.deterministic_shards", "parallel.deterministic_shards = ", C,
+                      " does not divide ", name, " = ", value, " of ", in.model_file);
+    p.pieces = static_cast<int>(C / tp);
+  }
+  const int64_t quantum = C > 0 ? C : tp;
+  p.padded_vocab = (in.vocab_size + quantum - 1) / quantum * quantum;
   p.vocab_per_rank = p.padded_vocab / tp;
   if (p.padded_vocab != in.vocab_size)
     p.notes.push_back("vocab_size = " + std::to_string(in.vocab_size) + " padded to " + std::to_string(p.padded_vocab) +
-                      " for tp = " + std::to_string(tp) + ": the pad rows are zeros whose logits are never computed");
+                      (C > 0 ? " for deterministic_shards = " + std::to_string(C) : " for tp = " + std::to_string(tp)) +
+                      ": the pad rows are zeros whose logits are never computed");
   return p;
 }
 

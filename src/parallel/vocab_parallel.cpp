@@ -20,8 +20,30 @@ struct RowSums {
   std::vector<double> max, z, s;
 };
 
+// Row sums over the whole vocabulary: partial(c0, c1, out) adds the terms of this rank's columns
+// [c0, c1) into out (len values). Summed over TP by the tree all-reduce or, in the deterministic mode,
+// taken per virtual shard and combined by virtual_shard_sum.
+template <class F>
+std::vector<double> vocab_sum(Communicator& tp, const VocabSlice& slice, int64_t V, size_t len, F&& partial) {
+  std::vector<double> out(len, 0.0);
+  if (!slice.pieces) {
+    partial(int64_t{0}, V, out.data());
+    tp.all_reduce_tree(std::span<double>(out));
+    return out;
+  }
+  OPDLM_CHECK(slice.piece_cols > 0 && slice.pieces * slice.piece_cols >= V, "vocab-parallel: ", slice.pieces,
+              " virtual shards of ", slice.piece_cols, " columns do not cover the ", V, " logit columns");
+  std::vector<double> parts(len * size_t(slice.pieces), 0.0);
+  for (int64_t j = 0; j < slice.pieces; ++j) {
+    const int64_t c0 = j * slice.piece_cols, c1 = std::min(V, c0 + slice.piece_cols);
+    if (c1 > c0) partial(c0, c1, parts.data() + size_t(j) * len);
+  }
+  virtual_shard_sum(tp, slice.pieces, std::span<const double>(parts), std::span<double>(out));
+  return out;
+}
+
 template <class T>
-RowSums row_sums_kernel(const Tensor& x, Communicator& tp, bool with_s) {
+RowSums row_sums_kernel(const Tensor& x, Communicator& tp, bool with_s, const VocabSlice& slice) {
   const int64_t n = x.size(0), V = x.size(1);
   const T* p = x.data<T>();
   RowSums out;
@@ -29,31 +51,32 @@ RowSums row_sums_kernel(const Tensor& x, Communicator& tp, bool with_s) {
   for (int64_t i = 0; i < n; ++i)
     for (int64_t v = 0; v < V; ++v) out.max[size_t(i)] = std::max(out.max[size_t(i)], static_cast<double>(p[i * V + v]));
   tp.all_reduce(std::span<double>(out.max), ReduceOp::max);
-  std::vector<double> zs(size_t(2 * n), 0.0);  // per row: z, s (one tree all-reduce for both)
-  for (int64_t i = 0; i < n; ++i) {
-    if (out.max[size_t(i)] == kNegInf) continue;
-    for (int64_t v = 0; v < V; ++v) {
-      const double d = static_cast<double>(p[i * V + v]) - out.max[size_t(i)];
-      const double e = std::exp(d);
-      zs[size_t(2 * i)] += e;
-      if (with_s) zs[size_t(2 * i + 1)] += e * d;
+  // Per row: z, s (one reduction for both).
+  const std::vector<double> zs = vocab_sum(tp, slice, V, size_t(2 * n), [&](int64_t c0, int64_t c1, double* zs) {
+    for (int64_t i = 0; i < n; ++i) {
+      if (out.max[size_t(i)] == kNegInf) continue;
+      for (int64_t v = c0; v < c1; ++v) {
+        const double d = static_cast<double>(p[i * V + v]) - out.max[size_t(i)];
+        const double e = std::exp(d);
+        zs[size_t(2 * i)] += e;
+        if (with_s) zs[size_t(2 * i + 1)] += e * d;
+      }
     }
-  }
-  tp.all_reduce_tree(std::span<double>(zs));
+  });
   out.z.resize(size_t(n));
   out.s.resize(size_t(n));
   for (int64_t i = 0; i < n; ++i) out.z[size_t(i)] = zs[size_t(2 * i)], out.s[size_t(i)] = zs[size_t(2 * i + 1)];
   return out;
 }
 
-RowSums row_sums(const Tensor& logits, Communicator& tp, bool with_s) {
-  return logits.dtype() == DType::f32 ? row_sums_kernel<float>(logits, tp, with_s)
-                                      : row_sums_kernel<double>(logits, tp, with_s);
+RowSums row_sums(const Tensor& logits, Communicator& tp, bool with_s, const VocabSlice& slice) {
+  return logits.dtype() == DType::f32 ? row_sums_kernel<float>(logits, tp, with_s, slice)
+                                      : row_sums_kernel<double>(logits, tp, with_s, slice);
 }
 
 // The row log-sum-exp rounded to the logits' dtype (as ops::divergence_forward stores it).
-Tensor lse_tensor(const Tensor& logits, Communicator& tp) {
-  const std::vector<double> l = vp_logsumexp(logits, tp);
+Tensor lse_tensor(const Tensor& logits, Communicator& tp, const VocabSlice& slice) {
+  const std::vector<double> l = vp_logsumexp(logits, tp, slice);
   return Tensor::from_vector(l, {int64_t(l.size())}).to(logits.dtype());
 }
 
@@ -92,27 +115,28 @@ std::vector<uint8_t> topk_keep(const Tensor& teacher, int64_t K, Communicator& t
   return keep;
 }
 
-std::vector<double> sum_per_row(const Tensor& g) {
-  const int64_t n = g.size(0), V = g.size(1);
-  const double* p = g.data<double>();
-  std::vector<double> s(size_t(n), 0.0);
-  for (int64_t i = 0; i < n; ++i)
-    for (int64_t v = 0; v < V; ++v) s[size_t(i)] += p[i * V + v];
-  return s;
+// The keep mask's columns [c0, c1) (top-K), or null.
+const std::vector<uint8_t>* keep_columns(const std::vector<uint8_t>& keep, int64_t n, int64_t V, int64_t c0, int64_t c1,
+                                         std::vector<uint8_t>& buf) {
+  if (keep.empty()) return nullptr;
+  if (c0 == 0 && c1 == V) return &keep;
+  buf.clear();
+  for (int64_t i = 0; i < n; ++i) buf.insert(buf.end(), keep.begin() + i * V + c0, keep.begin() + i * V + c1);
+  return &buf;
 }
 
 }  // namespace
 
-std::vector<double> vp_logsumexp(const Tensor& logits, Communicator& tp) {
+std::vector<double> vp_logsumexp(const Tensor& logits, Communicator& tp, VocabSlice slice) {
   check_2d(logits, "logits");
-  const RowSums r = row_sums(logits, tp, false);
+  const RowSums r = row_sums(logits, tp, false, slice);
   std::vector<double> lse(r.max.size());
   for (size_t i = 0; i < lse.size(); ++i) lse[i] = r.max[i] == kNegInf ? kNegInf : r.max[i] + std::log(r.z[i]);
   return lse;
 }
 
-Tensor vp_log_softmax(const Tensor& logits, Communicator& tp) {
-  const std::vector<double> lse = vp_logsumexp(logits, tp);
+Tensor vp_log_softmax(const Tensor& logits, Communicator& tp, VocabSlice slice) {
+  const std::vector<double> lse = vp_logsumexp(logits, tp, slice);
   const Tensor x = logits.to(DType::f64);
   Tensor y = Tensor::empty(x.shape(), DType::f64);
   const int64_t n = x.size(0), V = x.size(1);
@@ -124,13 +148,19 @@ Tensor vp_log_softmax(const Tensor& logits, Communicator& tp) {
 Tensor vp_divergence_forward(const Tensor& teacher_logp, const Tensor& student_logits, const ops::DivergenceSpec& spec,
                              Tensor* student_lse, Communicator& tp, VocabSlice slice) {
   check_2d(student_logits, "student_logits");
-  const Tensor lse = lse_tensor(student_logits, tp);
-  std::vector<uint8_t> keep;
+  const int64_t n = student_logits.size(0), V = student_logits.size(1);
+  const Tensor lse = lse_tensor(student_logits, tp, slice);
+  std::vector<uint8_t> keep, buf;
   if (spec.kind == ops::Divergence::topk_forward_kl) keep = topk_keep(teacher_logp, spec.topk, tp, slice);
-  Tensor D = ops::divergence_slice(teacher_logp, student_logits, lse, spec, &keep, nullptr);
-  tp.all_reduce_tree(std::span<double>(D.data<double>(), size_t(D.numel())));
+  const std::vector<double> D = vocab_sum(tp, slice, V, size_t(n), [&](int64_t c0, int64_t c1, double* out) {
+    const bool whole = c0 == 0 && c1 == V;
+    const Tensor d = ops::divergence_slice(whole ? teacher_logp : teacher_logp.columns(c0, c1),
+                                          whole ? student_logits : student_logits.columns(c0, c1), lse, spec,
+                                          keep_columns(keep, n, V, c0, c1, buf), nullptr);
+    for (int64_t i = 0; i < n; ++i) out[i] += d.data<double>()[i];
+  });
   if (student_lse) *student_lse = lse;
-  return D.to(student_logits.dtype());
+  return Tensor::from_vector(D, {n}).to(student_logits.dtype());
 }
 
 Tensor vp_divergence_backward(const Tensor& teacher_logp, const Tensor& student_logits, const Tensor& student_lse,
@@ -143,8 +173,10 @@ Tensor vp_divergence_backward(const Tensor& teacher_logp, const Tensor& student_
   Tensor g;
   ops::divergence_slice(teacher_logp, student_logits, student_lse, spec, &keep, &g);
   // dD/ds_j = g_j - u_j * sum over the whole vocabulary of g.
-  std::vector<double> G = sum_per_row(g);
-  tp.all_reduce_tree(std::span<double>(G));
+  const std::vector<double> G = vocab_sum(tp, slice, V, size_t(n), [&](int64_t c0, int64_t c1, double* out) {
+    for (int64_t i = 0; i < n; ++i)
+      for (int64_t v = c0; v < c1; ++v) out[i] += g.data<double>()[i * V + v];
+  });
   const Tensor s = student_logits.to(DType::f64), e = student_lse.to(DType::f64), c = dloss.to(DType::f64);
   Tensor ds = Tensor::empty({n, V}, DType::f64);
   for (int64_t i = 0; i < n; ++i)
@@ -171,7 +203,7 @@ Tensor vp_cross_entropy_forward(const Tensor& logits, const Tensor& targets, con
   check_2d(logits, "logits");
   const int64_t n = logits.size(0), V = logits.size(1);
   expect_shape(targets, "targets", {n}, "rows of 'logits'");
-  const Tensor lse = lse_tensor(logits, tp);
+  const Tensor lse = lse_tensor(logits, tp, slice);
   const Tensor x = logits.to(DType::f64);
   std::vector<double> pick(size_t(n), 0.0);  // the target's logit, from the rank that holds it
   for (int64_t i = 0; i < n; ++i) {
@@ -207,10 +239,10 @@ Tensor vp_cross_entropy_backward(const Tensor& logits, const Tensor& targets, co
   return d.to(logits.dtype());
 }
 
-RowSoftmaxStats vp_row_stats(const Tensor& logits, Communicator& tp, bool with_entropy) {
+RowSoftmaxStats vp_row_stats(const Tensor& logits, Communicator& tp, bool with_entropy, VocabSlice slice) {
   expect_dtype(logits, "logits", {DType::f32});
   check_2d(logits, "logits");
-  const RowSums r = row_sums(logits, tp, with_entropy);
+  const RowSums r = row_sums(logits, tp, with_entropy, slice);
   RowSoftmaxStats st;
   st.max = r.max;
   st.log_z.resize(r.z.size());
@@ -270,7 +302,7 @@ std::vector<ops::TokenDraw> vp_sample_tokens(const Tensor& logits, const std::ve
     }
   }
   // Gumbel-max: each rank's winner (score, token id, its confidence), then the best over ranks.
-  const std::vector<double> lse = vp_logsumexp(logits, tp);
+  const std::vector<double> lse = vp_logsumexp(logits, tp, slice);
   std::vector<double> mine(size_t(n) * 3), all(size_t(n) * 3 * size_t(tp.size()));
   for (int64_t i = 0; i < n; ++i) {
     double score = kNegInf;

@@ -95,6 +95,46 @@ double ShardedAdamW::step(const std::vector<const Tensor*>& grads, int64_t step,
   }
   dp_->reduce_scatter(std::span<const float>(send), std::span<float>(shard));
 
+  const double norm = exact_norm_ ? exact_norm(shard) : chunked_norm(shard);
+  if (!std::isfinite(norm)) return norm;
+
+  // ---- clip and update the shard ----
+  const double c = clip > 0 ? ops::clip_coefficient(norm, clip) : 1.0;
+  if (c < 1.0)
+    for (float& g : shard) g = static_cast<float>(static_cast<double>(g) * c);  // ops::scale_grads' rounding
+  {
+    size_t off = 0;
+    for (size_t u = first_[size_t(me)]; u < first_[size_t(me) + 1]; ++u) {
+      const ParamUnit& x = units_[u];
+      ops::AdamWConfig a = cfg;
+      if (no_decay_[size_t(x.tensor)]) a.weight_decay = 0;
+      ops::adamw_step_range(params_[size_t(x.tensor)]->data<float>() + x.begin, shard.data() + off, m_.data() + off,
+                            v_.data() + off, x.size(), step, a);
+      off += size_t(x.size());
+    }
+  }
+  all_gather_params();
+  return norm;
+}
+
+double ShardedAdamW::exact_norm(const std::vector<float>& shard) const {
+  ops::ExactSquareSum acc;
+  const bool skip_replicated = tp_ && tp_->rank() != 0;  // replicated tensors: TP rank 0's copy only
+  size_t off = 0;
+  for (size_t u = first_[size_t(dp_->rank())]; u < first_[size_t(dp_->rank()) + 1]; ++u) {
+    const ParamUnit& x = units_[u];
+    if (!(skip_replicated && !replicated_.empty() && replicated_[size_t(x.tensor)]))
+      acc.add(std::span<const float>(shard.data() + off, size_t(x.size())));
+    off += size_t(x.size());
+  }
+  auto lanes = acc.lanes();
+  dp_->all_reduce(std::span<int64_t>(lanes));
+  if (tp_) tp_->all_reduce(std::span<int64_t>(lanes));
+  return std::sqrt(ops::ExactSquareSum::value(lanes));
+}
+
+double ShardedAdamW::chunked_norm(const std::vector<float>& shard) const {
+  const int dp = dp_->size(), me = dp_->rank();
   // ---- the global norm in ops::grad_sq_sum's order: chunk sums per tensor, then tensor sums ----
   size_t max_units = 0;
   for (int r = 0; r < dp; ++r) max_units = std::max(max_units, first_[size_t(r) + 1] - first_[size_t(r)]);
@@ -128,25 +168,12 @@ double ShardedAdamW::step(const std::vector<const Tensor*>& grads, int64_t step,
     tp_->all_reduce_tree(std::span<double>(&total, 1));
     total += replicated_total;
   }
-  const double norm = std::sqrt(total);
-  if (!std::isfinite(norm)) return norm;
+  return std::sqrt(total);
+}
 
-  // ---- clip and update the shard ----
-  const double c = clip > 0 ? ops::clip_coefficient(norm, clip) : 1.0;
-  if (c < 1.0)
-    for (float& g : shard) g = static_cast<float>(static_cast<double>(g) * c);  // ops::scale_grads' rounding
-  {
-    size_t off = 0;
-    for (size_t u = first_[size_t(me)]; u < first_[size_t(me) + 1]; ++u) {
-      const ParamUnit& x = units_[u];
-      ops::AdamWConfig a = cfg;
-      if (no_decay_[size_t(x.tensor)]) a.weight_decay = 0;
-      ops::adamw_step_range(params_[size_t(x.tensor)]->data<float>() + x.begin, shard.data() + off, m_.data() + off,
-                            v_.data() + off, x.size(), step, a);
-      off += size_t(x.size());
-    }
-  }
-
+void ShardedAdamW::all_gather_params() {
+  const int dp = dp_->size(), me = dp_->rank();
+  const size_t P = size_t(padded_);
   // ---- every rank gets every updated parameter ----
   std::vector<float>& own = own_;
   std::vector<float>& gathered = gathered_;
@@ -170,7 +197,6 @@ double ShardedAdamW::step(const std::vector<const Tensor*>& grads, int64_t step,
       off += size_t(x.size());
     }
   }
-  return norm;
 }
 
 }  // namespace opdlm::parallel

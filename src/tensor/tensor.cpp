@@ -198,6 +198,18 @@ Tensor Tensor::slice(int64_t begin, int64_t end) const {
   return t;
 }
 
+Tensor Tensor::columns(int64_t begin, int64_t end) const {
+  if (ndim() != 2 || device_ != Device::cpu) OPDLM_FAIL("columns of tensor ", describe(), ": a 2-D CPU tensor expected");
+  if (begin < 0 || end < begin || end > shape_[1])
+    OPDLM_FAIL("columns [", begin, ", ", end, ") out of range for tensor ", describe());
+  Tensor t = empty({shape_[0], end - begin}, dtype_);
+  const size_t es = dtype_size(dtype_), w = static_cast<size_t>(end - begin) * es;
+  const auto* src = static_cast<const char*>(raw_data());
+  auto* dst = static_cast<char*>(t.raw_data());
+  for (int64_t i = 0; i < shape_[0]; ++i) std::memcpy(dst + size_t(i) * w, src + size_t(i * shape_[1] + begin) * es, w);
+  return t;
+}
+
 Tensor Tensor::clone() const {
   Tensor t = empty(shape_, dtype_, device_);
   if (nbytes() == 0) return t;

@@ -157,7 +157,7 @@ Tensor teacher_logprobs(const model::Qwen3Model& teacher, std::span<const int32_
   if (js.empty()) return Tensor::empty({0, teacher.logit_columns()}, teacher.dtype());
   const Tensor logits = teacher.forward(ids, pos, std::span(&causal, 1), rows);
   // Tensor parallel: the rank's vocabulary columns, normalised over the whole vocabulary.
-  if (auto* tp = teacher.tensor_parallel().comm) return parallel::vp_log_softmax(logits, *tp);
+  if (auto* tp = teacher.tensor_parallel().comm) return parallel::vp_log_softmax(logits, *tp, teacher.vocab_slice());
   return ops::log_softmax_forward(logits);
 }
 
@@ -208,7 +208,7 @@ RowLoss row_loss_impl(const model::Qwen3Model& student, model::Qwen3Model* train
   out.student_forward_flops = model::forward_flops(student.full_config(), std::span(&in.mask, 1), 1, row.N(), row.N(),
                                                    static_cast<int64_t>(js.size()));
   parallel::Communicator* tp = student.tensor_parallel().comm;
-  const parallel::VocabSlice slice{student.tensor_parallel().vocab_begin, student.full_config().vocab_size};
+  const parallel::VocabSlice slice = student.vocab_slice();
   if (grad_scale != 0) out.student_backward_flops = 2 * out.student_forward_flops;
 
   const Tensor rows = noisy_rows(row, js);
@@ -265,7 +265,7 @@ Tensor student_logprobs(const model::Qwen3Model& student, const TrainingRow& row
                         std::span<const int64_t> js) {
   const RowInputs in = build_row_inputs(row, spec.block_size, spec.mask_id, spec.pad_id);
   const Tensor logits = student.forward(in.ids, in.positions, std::span(&in.mask, 1), noisy_rows(row, js));
-  if (auto* tp = student.tensor_parallel().comm) return parallel::vp_log_softmax(logits, *tp);
+  if (auto* tp = student.tensor_parallel().comm) return parallel::vp_log_softmax(logits, *tp, student.vocab_slice());
   return ops::log_softmax_forward(logits);
 }
 

@@ -104,6 +104,9 @@ po::options_description OpdTrainOptions::schema() {
       ("eval.probe_every", po::value<int64_t>()->default_value(0), "RL steps between probes (0: start and end)")
       ("eval.probe_limit", po::value<int64_t>()->default_value(32), "probe prompts used")
       ("parallel.tp", po::value<int64_t>()->default_value(1), "tensor-parallel ranks per group (DP = world size / tp)")
+      ("parallel.deterministic_shards", po::value<int64_t>()->default_value(0),
+       "deterministic-reduction mode: compute every TP sum as over this many virtual shards (a multiple of "
+       "tp), so losses and parameters are bitwise the same for every tp dividing it (0: off; docs/parallel.md)")
       ("parallel.check_slurm_ntasks", po::value<bool>()->default_value(true),
        "refuse a world size that differs from SLURM_NTASKS (the srun singleton trap)")
       ("run.out_dir", po::value<std::string>()->default_value(""), "output directory")
@@ -198,6 +201,7 @@ OpdTrainOptions OpdTrainOptions::from_config(const ResolvedConfig& c, Conversion
   o.probe_every = positive("eval.probe_every", c.get<int64_t>("eval.probe_every"), 0);
   o.probe_limit = positive("eval.probe_limit", c.get<int64_t>("eval.probe_limit"), 1);
   o.tp = static_cast<int>(positive("parallel.tp", c.get<int64_t>("parallel.tp"), 1));
+  o.deterministic_shards = positive("parallel.deterministic_shards", c.get<int64_t>("parallel.deterministic_shards"), 0);
   o.check_slurm_ntasks = c.get<bool>("parallel.check_slurm_ntasks");
   o.parallel_origin = where("parallel.tp");
   o.out_dir = c.get<std::string>("run.out_dir");
@@ -329,14 +333,19 @@ OpdTrainSummary run_opd_training(const OpdTrainOptions& o, const std::string& re
   const std::string layout_where = o.parallel_origin.empty() ? "config" : o.parallel_origin;
   const int64_t rows_per_rank = dp_rows_per_rank(dp.size(), o.rows_per_update, layout_where);
   // Refusals of the layout come before anything is written.
-  parallel::Communicator* tp = grid.tp && grid.tp->size() > 1 ? grid.tp : nullptr;
+  parallel::Communicator* tp_group = grid.tp && grid.tp->size() > 1 ? grid.tp : nullptr;
+  // The vocab-parallel path: a TP group, or one process in the deterministic-reduction mode (its
+  // model is the C-virtual-shard TP model on a group of one, docs/parallel.md).
+  parallel::LocalCommunicator tp_of_one;
+  parallel::Communicator* tp = tp_group ? tp_group : o.deterministic_shards > 0 ? &tp_of_one : nullptr;
+  const char* tp_key = tp_group ? "parallel.tp" : "parallel.deterministic_shards";
   if (tp && o.mode == ConversionMode::rm_ce && o.ce_source == CeSource::teacher)
-    OPDLM_FAIL_AT(layout_where, "parallel.tp",
+    OPDLM_FAIL_AT(layout_where, tp_key,
                   "rm-ce with loss.ce_source = teacher samples with the AR decoder, which is not tensor parallel yet; ",
-                  "use parallel.tp = 1 for it");
+                  "use parallel.tp = 1 and parallel.deterministic_shards = 0 for it");
   if (tp && o.sampler.sampling.top_p < 1.0)
     OPDLM_FAIL_AT(layout_where, "rollout.top_p",
-                  "top_p < 1 is not vocab-parallel yet; use rollout.top_p = 1 with parallel.tp > 1");
+                  "top_p < 1 is not vocab-parallel yet; use rollout.top_p = 1 with ", tp_key, " set");
   const bool writer = grid.writes_outputs;
   const std::string model_path = o.out_dir + "/model.h5";
   std::optional<MetricsLog> metrics_log;
@@ -355,10 +364,10 @@ OpdTrainSummary run_opd_training(const OpdTrainOptions& o, const std::string& re
   std::optional<parallel::TpPlan> plan;
   auto make_model = [&](model::Qwen3Weights full, bool trainable) {
     if (!tp) return model::Qwen3Model(std::move(full), trainable);
-    plan = model::tp_plan(full.config(), tp->size());
+    plan = model::tp_plan(full.config(), tp->size(), o.deterministic_shards);
     const model::VocabRange vr = model::vocab_range(full.config(), *plan, tp->rank());
     return model::Qwen3Model(model::shard_weights(full, *plan, tp->rank()), trainable,
-                             {tp, full.config(), vr.begin, vr.real});
+                             {tp, full.config(), vr.begin, vr.real, plan->pieces});
   };
   std::unique_ptr<model::Qwen3Model> teacher;
   model::Qwen3Weights student_w;
@@ -408,10 +417,13 @@ OpdTrainSummary run_opd_training(const OpdTrainOptions& o, const std::string& re
   }
 
   OPDLM_LOG(info) << "opdlm train --mode " << mode << ": " << cfg.num_params() << " parameters, "
-                  << prompts.size() << " prompts, TP " << (tp ? tp->size() : 1) << " x DP " << dp.size() << "\n"
+                  << prompts.size() << " prompts, TP " << (tp ? tp->size() : 1) << " x DP " << dp.size()
+                  << (o.deterministic_shards ? ", deterministic reductions over " + std::to_string(o.deterministic_shards) +
+                                                   " virtual shards" : std::string()) << "\n"
                   << resolved_table;
   metrics.write({{"event", "start"}, {"mode", mode}, {"params", cfg.num_params()}, {"prompts", prompts.size()},
-                 {"parallel", {{"tp", tp ? tp->size() : 1}, {"dp", dp.size()}, {"rows_per_rank", rows_per_rank}}},
+                 {"parallel", {{"tp", tp ? tp->size() : 1}, {"dp", dp.size()}, {"rows_per_rank", rows_per_rank},
+                               {"deterministic_shards", o.deterministic_shards}}},
                  {"sampler", diffusion::sampler_options_to_json(sampler)}, {"config", resolved_table}});
 
   // ---- state-KL probe: held-out prompts, decoded greedily with one token per step (eval settings) ----
@@ -459,6 +471,7 @@ OpdTrainSummary run_opd_training(const OpdTrainOptions& o, const std::string& re
   for (auto& t : student.weights().tensors()) params.push_back(&t.value), no_decay.push_back(t.value.ndim() < 2);
   parallel::ShardedAdamW optimizer(params, no_decay, dp);
   optimizer.set_tensor_parallel(tp, no_decay);  // the norm gains (1-D) are the tensors every TP rank holds whole
+  optimizer.set_exact_norm(o.deterministic_shards > 0);
   std::vector<const Tensor*> grads;
   for (auto& t : student.grads().tensors()) grads.push_back(&t.value);
   // One TreeSum for the run: its buffers are reused by every update.

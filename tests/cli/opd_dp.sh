@@ -3,8 +3,9 @@
 # one process without mpirun, `mpiexec -n 2` and `mpiexec -n 4` (DP = 2, 4): the sha256 of every
 # tensor of model.h5 and every metrics line apart from wall-clock fields are equal; `--parallel.tp=2`
 # on 2 and 4 ranks (TP 2, TP 2 x DP 2): every count equal (the same tokens), losses, norms and probe
-# KLs within 1e-6 (relative; absolute for values below 1). Then the launch refusals: DP not a power
-# of two, TP beyond the KV heads, top-p and rm-ce teacher sampling under TP, the srun singleton trap
+# KLs within 1e-6 (relative; absolute for values below 1); with --parallel.deterministic_shards=2 one
+# process, TP 2, TP 2 x DP 2 and DP 4 bit for bit. Then the launch refusals: DP not a power of two,
+# deterministic_shards not a multiple of TP or not dividing the KV heads, TP beyond the KV heads, top-p and rm-ce teacher sampling under TP, the srun singleton trap
 # (SLURM_NTASKS != world size) and --mode ar under mpiexec, each a non-zero exit that names the field
 # and leaves no output behind. A tiny teacher (2 layers, hidden 32) trained here; ~30 s.
 set -euo pipefail
@@ -72,7 +73,7 @@ assert sum(j["event"] == "probe" for j in one) == 3, "expected 3 probe lines"
 for d, dp in (("dp2", 2), ("dp4", 4)):
     assert lines(d) == one, f"{d}: metrics differ from the one-process run"
     start = json.loads(open(f"{d}/metrics.jsonl").readline())
-    assert start["parallel"] == {"tp": 1, "dp": dp, "rows_per_rank": 8 // dp}, start["parallel"]
+    assert start["parallel"] == {"tp": 1, "dp": dp, "rows_per_rank": 8 // dp, "deterministic_shards": 0}, start["parallel"]
 # TP sums in another order: the same tokens (every count), losses, norms and KLs within 1e-6
 # (relative, absolute below 1).
 for d, dp in (("tp2_n2", 1), ("tp2_n4", 2)):
@@ -90,7 +91,35 @@ for d, dp in (("tp2_n2", 1), ("tp2_n4", 2)):
             assert abs(x - y) <= 1e-6 * max(abs(x), 1.0), f"{d}: {k} {y} vs {x}"
         assert a == b, f"{d}: counts differ from the one-process run:\n{a}\n{b}"
     start = json.loads(open(f"{d}/metrics.jsonl").readline())
-    assert start["parallel"] == {"tp": 2, "dp": dp, "rows_per_rank": 8 // dp}, start["parallel"]
+    assert start["parallel"] == {"tp": 2, "dp": dp, "rows_per_rank": 8 // dp, "deterministic_shards": 0}, start["parallel"]
+PY
+
+# The deterministic-reduction mode (2 virtual shards): one process, TP 2, TP 2 x DP 2 and DP 4 give
+# the same bits: every tensor's sha256 and every metrics line (losses and norms included).
+"$OPDLM" "${OPD[@]}" --parallel.deterministic_shards=2 --run.out_dir=det_one >det_one.json 2>det_one.log ||
+  fail "deterministic, one process: $(tail -3 det_one.log)"
+for layout in "2 2" "4 2" "4 1"; do
+  read -r n t <<<"$layout"
+  "${MPIEXEC[@]}" -n $n "$OPDLM" "${OPD[@]}" --parallel.deterministic_shards=2 --parallel.tp=$t \
+    --run.out_dir=det_n${n}_tp$t >det_n${n}_tp$t.json 2>det_n${n}_tp$t.log ||
+    fail "deterministic, mpiexec -n $n --parallel.tp=$t: $(tail -3 det_n${n}_tp$t.log)"
+  diff <(sums det_one/model.h5) <(sums det_n${n}_tp$t/model.h5) >/dev/null ||
+    fail "deterministic mode: det_n${n}_tp$t/model.h5 differs from the one-process run"
+done
+/usr/bin/python3 - <<'PY'
+import json
+def lines(d):
+    out = []
+    for l in open(f"{d}/metrics.jsonl"):
+        j = json.loads(l)
+        for k in ("elapsed_s", "train_tokens_per_s", "wall_s", "config", "parallel", "path"):
+            j.pop(k, None)
+        out.append(j)
+    return out
+one = lines("det_one")
+assert sum(j["event"] == "step" for j in one) == 4 and all(j["loss"] > 0 for j in one if j["event"] == "step")
+for d in ("det_n2_tp2", "det_n4_tp2", "det_n4_tp1"):
+    assert lines(d) == one, f"{d}: metrics differ from the deterministic one-process run"
 PY
 
 # Refusals: non-zero exit, the field named, no output folder.
@@ -103,6 +132,9 @@ expect_refusal() {  # expect_refusal NAME PATTERN command...
 }
 expect_refusal dp3 "parallel.tp" "${MPIEXEC[@]}" -n 3 "$OPDLM" "${OPD[@]}" --run.out_dir=dp3
 grep -q "power of two" dp3.err || fail "dp3: the reason is not given"
+expect_refusal det3 "parallel.deterministic_shards" "${MPIEXEC[@]}" -n 2 "$OPDLM" "${OPD[@]}" --parallel.tp=2 \
+  --parallel.deterministic_shards=3 --run.out_dir=det3
+expect_refusal det4 "num_key_value_heads = 2" "$OPDLM" "${OPD[@]}" --parallel.deterministic_shards=4 --run.out_dir=det4
 expect_refusal tp4 "num_key_value_heads" "${MPIEXEC[@]}" -n 4 "$OPDLM" "${OPD[@]}" \
   --parallel.tp=4 --run.out_dir=tp4
 expect_refusal topp "rollout.top_p" "${MPIEXEC[@]}" -n 2 "$OPDLM" "${OPD[@]}" --parallel.tp=2 --rollout.top_p=0.9 \
@@ -113,4 +145,5 @@ expect_refusal rmce_teacher "loss.ce_source = teacher" "${MPIEXEC[@]}" -n 2 "$OP
 SLURM_NTASKS=4 expect_refusal slurm "SLURM_NTASKS" "$OPDLM" "${OPD[@]}" --run.out_dir=slurm
 expect_refusal ar_np2 "OMPI_COMM_WORLD_SIZE" "${MPIEXEC[@]}" -n 2 "$OPDLM" train --mode ar --model.config=config.json \
   --model.tokenizer=tok.json --data.train=train.bin --optim.max_steps=2 --run.out_dir=ar_np2
-echo "opd_dp: one process = DP 2 = DP 4 bit for bit, = TP 2 and TP 2 x DP 2 within 1e-6; 6 refusals"
+echo "opd_dp: one process = DP 2 = DP 4 bit for bit, = TP 2 and TP 2 x DP 2 within 1e-6; deterministic mode:" \
+  "one process = TP 2 = TP 2 x DP 2 = DP 4 bit for bit; 8 refusals"

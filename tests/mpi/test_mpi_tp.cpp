@@ -2,12 +2,14 @@
 // 1, 2 and 4 consecutive ranks each hold one shard of a model whose vocabulary TP does not divide,
 // and the forward (full-sequence and KV-cache), the logit columns and every parameter gradient
 // match the whole model on one rank within 1e-6 relative; the replicated pieces (norm gains and
-// their gradients, the residual stream) are bit for bit the same on every rank of a group.
+// their gradients, the residual stream) are bit for bit the same on every rank of a group. In the
+// deterministic-reduction mode every layout gives the same bits.
 #include <gtest/gtest.h>
 
 #include <algorithm>
 #include <cstdio>
 #include <cmath>
+#include <cstring>
 #include <string>
 #include <vector>
 
@@ -125,6 +127,90 @@ void check_tensor_parallel_model(DType dtype, double logit_tol, double grad_tol)
       const Tensor b = full.forward_cached(pi, pp, std::span(&m, 1), full_cache, true, model::Qwen3Model::last_rows(B, t1 - t0));
       EXPECT_LT(rel_err(columns(a, 0, vr.real), columns(b, vr.begin, vr.real)), logit_tol) << "cached forward at " << t0;
     }
+  }
+}
+
+// The deterministic-reduction mode (4 virtual shards, TpPlan::pieces): TP 1 (one rank holding the 4
+// pieces), 2 and 4 give the same bits for the logit columns, the KV-cache logits and every parameter
+// gradient. The vocabulary (66) is padded to 68 for the 4 virtual shards.
+TEST(TensorParallelModel, DeterministicModeGivesTheSameBitsOnEveryTp) {
+  auto world = MpiCommunicator::world();
+  const int n = world->size(), r = world->rank();
+  const model::Qwen3Config c = tp_test_config();
+  model::Qwen3Weights full_w(c, DType::f32);
+  full_w.init_random(21, 0.3);
+  const int64_t B = 2, T = 7;
+  const Tensor ids = test::random_ids({B, T}, 5, static_cast<int32_t>(c.vocab_size));
+  std::vector<int32_t> pos(size_t(B * T));
+  for (int64_t i = 0; i < B * T; ++i) pos[size_t(i)] = int32_t(i % T);
+  const Tensor positions = Tensor::from_vector(pos, {B, T});
+  const ops::MaskDescriptor causal = ops::MaskDescriptor::causal();
+  const Tensor rows = Tensor::from_vector(std::vector<int32_t>{0, 3, 6, 9, 13}, {5});
+  const Tensor dlogits = test::random_tensor({5, c.vocab_size}, 8, -1, 1, DType::f32);
+
+  struct Result {
+    Tensor logits, cached;
+    model::Qwen3Weights grads;  // the whole model's (unsharded)
+  };
+  auto run = [&](parallel::Communicator& group) {
+    const int tp = group.size(), tr = group.rank();
+    const parallel::TpPlan plan = model::tp_plan(c, tp, 4);
+    EXPECT_EQ(plan.pieces, 4 / tp);
+    const model::VocabRange vr = model::vocab_range(c, plan, tr);
+    model::Qwen3Model m(model::shard_weights(full_w, plan, tr), true, {&group, c, vr.begin, vr.real, plan.pieces});
+    model::Qwen3Activations acts;
+    Result res;
+    const Tensor mine = m.forward(ids, positions, std::span(&causal, 1), rows, &acts);
+    m.backward(acts, dlogits.columns(vr.begin, vr.begin + vr.real));
+    model::KVCache cache(m.config(), B, T, DType::f32);
+    const Tensor cached = m.forward_cached(ids, positions, std::span(&causal, 1), cache, true, model::Qwen3Model::last_rows(B, T));
+    // The whole logits and gradients, gathered from the group.
+    auto gather_cols = [&](const Tensor& t) {
+      Tensor pad = Tensor::zeros({t.size(0), plan.vocab_per_rank}, DType::f32);
+      for (int64_t i = 0; i < t.size(0); ++i)
+        std::copy_n(t.data<float>() + i * t.size(1), t.size(1), pad.data<float>() + i * plan.vocab_per_rank);
+      std::vector<float> all(size_t(pad.numel()) * size_t(tp));
+      group.all_gather(std::span<const float>(pad.data<float>(), size_t(pad.numel())), std::span<float>(all));
+      Tensor out = Tensor::empty({t.size(0), c.vocab_size}, DType::f32);
+      for (int64_t i = 0; i < t.size(0); ++i)
+        for (int64_t v = 0; v < c.vocab_size; ++v) {
+          const int64_t q = v / plan.vocab_per_rank, col = v % plan.vocab_per_rank;
+          out.data<float>()[i * c.vocab_size + v] = all[size_t((q * t.size(0) + i) * plan.vocab_per_rank + col)];
+        }
+      return out;
+    };
+    res.logits = gather_cols(mine);
+    res.cached = gather_cols(cached);
+    std::vector<model::Qwen3Weights> shards;
+    for (int q = 0; q < tp; ++q) shards.push_back(m.grads().zeros_like());
+    for (size_t i = 0; i < m.grads().tensors().size(); ++i) {
+      const Tensor& g = m.grads().tensors()[i].value;
+      std::vector<float> all(size_t(g.numel()) * size_t(tp));
+      group.all_gather(std::span<const float>(g.data<float>(), size_t(g.numel())), std::span<float>(all));
+      for (int q = 0; q < tp; ++q)
+        std::copy_n(all.data() + q * g.numel(), g.numel(), shards[size_t(q)].tensors()[i].value.data<float>());
+    }
+    std::vector<const model::Qwen3Weights*> ptrs;
+    for (const auto& sh : shards) ptrs.push_back(&sh);
+    res.grads = model::unshard_weights(ptrs, c, plan);
+    return res;
+  };
+  auto same = [](const Tensor& a, const Tensor& b) {
+    return a.numel() == b.numel() && std::memcmp(a.raw_data(), b.raw_data(), size_t(a.nbytes())) == 0;
+  };
+  parallel::LocalCommunicator one;
+  const Result ref = run(one);
+  // The mode is on: the bits differ from the plain one-process model's (another summation order).
+  model::Qwen3Model plain(full_w.clone(), true);
+  EXPECT_FALSE(same(plain.forward(ids, positions, std::span(&causal, 1), rows), ref.logits));
+  for (int tp = 2; tp <= n; tp *= 2) {
+    SCOPED_TRACE("tp " + std::to_string(tp));
+    auto group = world->split(r / tp, r, "tp");
+    const Result got = run(*group);
+    EXPECT_TRUE(same(got.logits, ref.logits)) << "logits";
+    EXPECT_TRUE(same(got.cached, ref.cached)) << "KV-cache logits";
+    for (size_t i = 0; i < ref.grads.tensors().size(); ++i)
+      EXPECT_TRUE(same(got.grads.tensors()[i].value, ref.grads.tensors()[i].value)) << ref.grads.tensors()[i].name;
   }
 }
 

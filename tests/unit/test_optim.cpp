@@ -1,6 +1,12 @@
 // Tests for the optimizer ops: AdamW against a scalar transcription of torch.optim.AdamW, and the
 // global grad norm / clipping (torch.nn.utils.clip_grad_norm_ rules, determinism, non-finite norms).
 #include <gtest/gtest.h>
+
+#include <array>
+
+#include <algorithm>
+
+#include <random>
 #include <omp.h>
 
 #include <cmath>
@@ -113,6 +119,54 @@ TEST(AdamW, BadInputs) {
 }
 
 // ---- grad norm / clipping ------------------------------------------------------------------------
+
+TEST(ExactSquareSum, TheSumIsExactAndTheSameInEveryOrderAndSplit) {
+  // 2^30 squared is 2^60, whose f64 ulp is 256: a left fold drops every 1 that follows it.
+  std::vector<float> xs = {std::ldexp(1.0f, 30)};
+  for (int i = 0; i < 1024; ++i) xs.push_back(1.0f);
+  ExactSquareSum a;
+  a.add(std::span<const float>(xs));
+  EXPECT_EQ(a.value(), std::ldexp(1.0, 60) + 1024.0);
+  double fold = 0;
+  for (float x : xs) fold += double(x) * double(x);
+  EXPECT_EQ(fold, std::ldexp(1.0, 60)) << "the case must defeat an f64 left fold";
+  // Random values of every magnitude (subnormals to 1e19), shuffled and split over "ranks" whose
+  // lanes are added lane by lane: the same bits every time.
+  std::mt19937 rng(7);
+  std::vector<float> v;
+  for (int i = 0; i < 5000; ++i)
+    v.push_back(std::ldexp(std::uniform_real_distribution<float>(-1, 1)(rng), std::uniform_int_distribution<int>(-149, 64)(rng)));
+  v.push_back(0.0f);
+  v.push_back(-0.0f);
+  ExactSquareSum whole;
+  whole.add(std::span<const float>(v));
+  const double ref = whole.value();
+  long double check = 0;  // an independent, nearly exact value
+  std::vector<long double> sq;
+  for (float x : v) sq.push_back((long double)x * x);
+  std::sort(sq.begin(), sq.end());
+  for (long double q : sq) check += q;
+  EXPECT_NEAR(ref, double(check), double(check) * 1e-15);
+  for (int trial = 0; trial < 5; ++trial) {
+    std::shuffle(v.begin(), v.end(), rng);
+    std::array<int64_t, ExactSquareSum::kLanes> sum{};
+    const size_t cut1 = v.size() / 3 + size_t(trial), cut2 = v.size() / 2 + size_t(7 * trial);
+    for (auto [b, e] : {std::pair{size_t(0), cut1}, std::pair{cut1, cut2}, std::pair{cut2, v.size()}}) {
+      ExactSquareSum part;
+      part.add(std::span<const float>(v.data() + b, e - b));
+      const auto l = part.lanes();
+      for (size_t k = 0; k < l.size(); ++k) sum[k] += l[k];
+    }
+    EXPECT_EQ(ExactSquareSum::value(sum), ref) << "trial " << trial;
+  }
+  ExactSquareSum bad;
+  bad.add(1.0f);
+  bad.add(std::numeric_limits<float>::infinity());
+  EXPECT_EQ(bad.value(), std::numeric_limits<double>::infinity());
+  bad.add(std::nanf(""));
+  EXPECT_TRUE(std::isnan(bad.value()));
+  EXPECT_EQ(ExactSquareSum().value(), 0.0);
+}
 
 TEST(GradNorm, SumOfSquaresAndNorm) {
   Tensor a = Tensor::from_vector(std::vector<float>{3, 0}, {2});

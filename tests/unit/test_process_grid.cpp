@@ -10,6 +10,7 @@
 #include "opdlm/base/error.hpp"
 #include "opdlm/parallel/communicator.hpp"
 #include "opdlm/parallel/process_grid.hpp"
+#include "opdlm/parallel/tree_sum.hpp"
 #include "opdlm/train/opd_trainer.hpp"
 #include "test_util.hpp"
 
@@ -152,6 +153,26 @@ TEST(Preflight, RefusesWhatCannotBeShardedNamingTheField) {
   expect_error(in, "model.h5", "intermediate_size");
 }
 
+TEST(Preflight, DeterministicShardsCutEveryDimensionAndPadTheVocabToThem) {
+  PreflightInput in = qwen3_0p6b(4, 2);
+  in.vocab_size = 151669;
+  in.deterministic_shards = 8;  // 8 virtual shards on a TP group of 2: 4 pieces per rank
+  const TpPlan p = preflight(in);
+  EXPECT_EQ(p.pieces, 4);
+  EXPECT_EQ(p.padded_vocab, 151672);  // a multiple of 8, not just of tp = 2
+  EXPECT_EQ(p.vocab_per_rank, 151672 / 2);
+  EXPECT_EQ(p.vocab_per_rank % p.pieces, 0);
+  in.deterministic_shards = 0;
+  EXPECT_EQ(preflight(in).pieces, 0);
+  EXPECT_EQ(preflight(in).padded_vocab, 151670);  // off: padded for tp only
+  in.deterministic_shards = 3;  // not a multiple of tp
+  expect_error(in, "configs/opd/x.ini", "parallel.deterministic_shards");
+  in.deterministic_shards = 16;  // 16 heads, 8 KV heads: the KV heads do not cut into 16
+  expect_error(in, "configs/opd/x.ini", "parallel.deterministic_shards");
+  in.deterministic_shards = -2;
+  expect_error(in, "configs/opd/x.ini", "parallel.deterministic_shards");
+}
+
 TEST(Preflight, RefusesAWorldThatDisagreesWithSlurmNtasks) {
   PreflightInput in = qwen3_0p6b(1, 1);
   in.slurm_ntasks = 4;  // srun without --mpi=pmix: four singleton worlds of one rank each
@@ -205,6 +226,23 @@ TEST(FlightRecorder, KeepsTheNewestCallsAndMarksTheOneInFlight) {
 }  // namespace
 
 // ---- the DP split of an update's rows (train/opd_trainer.hpp) ----
+
+TEST(VirtualShardSum, OneRankHoldingEveryPieceSumsThemByTheFixedTree) {
+  LocalCommunicator one;
+  // Values whose sum depends on the order: the tree ((a + b) + (c + d)) is not the left fold.
+  // 4 pieces of 2 values; element 0 over the pieces is 1e8, 1, -1e8, 1.
+  const std::vector<float> parts = {1e8f, 3.0f, 1.0f, 2.0f, -1e8f, 0.5f, 1.0f, -7.0f};
+  std::vector<float> out(2), want(2);
+  virtual_shard_sum(one, 4, std::span<const float>(parts), std::span<float>(out));
+  tree_combine_into(parts.data(), 4, 2, want.data());
+  EXPECT_EQ(out, want);
+  EXPECT_EQ(out[0], 0.0f);  // (1e8 + 1) + (-1e8 + 1): each 1 is lost to rounding
+  EXPECT_EQ(out[1], (3.0f + 2.0f) + (0.5f + -7.0f));
+  float fold = 0;
+  for (int j = 0; j < 4; ++j) fold += parts[size_t(2 * j)];
+  EXPECT_NE(fold, out[0]) << "this case must separate the tree from a left fold";
+  EXPECT_ERROR_HAS(virtual_shard_sum(one, 3, std::span<const float>(parts), std::span<float>(out)), "pieces");
+}
 
 TEST(DpRowsPerRank, PowersOfTwoDividingTheTreeWidthAreAcceptedAndTheRestRefused) {
   EXPECT_EQ(opdlm::train::dp_rows_per_rank(1, 8, "x.ini"), 8);

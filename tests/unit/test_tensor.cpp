@@ -6,6 +6,7 @@
 #include <cstring>
 #include <limits>
 
+#include "opdlm/base/error.hpp"
 #include "opdlm/tensor/tensor.hpp"
 
 using namespace opdlm;
@@ -61,6 +62,17 @@ TEST(Tensor, ZerosViewsSlices) {
   EXPECT_THROW(t.slice(1, 3), Error);
   EXPECT_THROW(t.size(3), Error);
   EXPECT_THROW(Tensor({2, -1}), Error);
+}
+
+TEST(Tensor, ColumnsCopiesABlockOfColumns) {
+  const Tensor t = Tensor::from_vector(std::vector<float>{0, 1, 2, 3, 4, 5, 6, 7}, {2, 4});
+  const Tensor c = t.columns(1, 3);
+  EXPECT_EQ(c.shape(), (Shape{2, 2}));
+  EXPECT_EQ(c.to_f64_vector(), (std::vector<double>{1, 2, 5, 6}));
+  EXPECT_NE(c.raw_data(), t.raw_data());  // a copy
+  EXPECT_EQ(t.columns(4, 4).numel(), 0);
+  EXPECT_THROW(t.columns(2, 5), opdlm::Error);
+  EXPECT_THROW(t.view({8}).columns(0, 1), opdlm::Error);
 }
 
 TEST(Tensor, DtypeConversions) {

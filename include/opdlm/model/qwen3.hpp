@@ -3,6 +3,7 @@
 #pragma once
 
 #include <cstdint>
+#include <initializer_list>
 #include <span>
 #include <utility>
 #include <vector>
@@ -15,6 +16,7 @@
 
 namespace opdlm::parallel {
 class Communicator;
+struct VocabSlice;
 }
 
 namespace opdlm::model {
@@ -29,6 +31,11 @@ struct TensorParallel {
   parallel::Communicator* comm = nullptr;  // the TP group; nullptr: the whole model on one rank
   Qwen3Config full;                        // the unsharded config (vocabulary, special token ids)
   int64_t vocab_begin = 0, vocab_real = 0;
+  // The deterministic-reduction mode (docs/parallel.md; TpPlan::pieces): > 0 cuts this rank's shard
+  // into `pieces` virtual shards whose products are computed one by one (the gemm shapes of a
+  // pieces * tp way layout) and summed by parallel::virtual_shard_sum, so every bit of the forward and
+  // backward is the same for every tp with the same pieces * tp. 0: off (all_reduce_tree sums).
+  int pieces = 0;
 };
 
 // What one decoder layer's backward needs (n = B*T token rows). Cheap intermediates (the two norm
@@ -98,6 +105,8 @@ class Qwen3Model {
   // The whole model's config (= config() without tensor parallelism).
   const Qwen3Config& full_config() const { return tp_.comm ? tp_.full : weights_.config(); }
   const TensorParallel& tensor_parallel() const { return tp_; }
+  // Where this rank's logit columns sit in the vocabulary, with the deterministic mode's pieces.
+  parallel::VocabSlice vocab_slice() const;
   // Logit columns this rank returns: the real vocabulary rows of its shard (all of them without TP).
   int64_t logit_columns() const { return tp_.comm ? tp_.vocab_real : config().vocab_size; }
   DType dtype() const { return weights_.dtype(); }
@@ -151,6 +160,24 @@ class Qwen3Model {
   void tp_sum(Tensor& t) const;
   // The shard-local ids of `ids` (0 for ids outside this rank's vocabulary rows) and which are inside.
   Tensor local_ids(const Tensor& ids, std::vector<uint8_t>& inside) const;
+
+  // The products of a shard, in one call or (deterministic mode) virtual shard by virtual shard.
+  int pieces() const { return tp_.comm ? tp_.pieces : 0; }
+  // y [n, real_rows] = x @ w[:real_rows]^T for a column-parallel weight (output rows split over TP).
+  Tensor column_forward(const Tensor& x, const Tensor& w, int64_t real_rows) const;
+  // y = x @ w^T summed over TP for a row-parallel weight (input columns split over TP).
+  Tensor row_forward(const Tensor& x, const Tensor& w) const;
+  // Column-parallel projections sharing the input x: g_j[:real_rows] += dy_j^T @ x and the returned
+  // dx = sum_j dy_j @ w_j[:real_rows], summed over TP.
+  struct ColumnGrad {
+    const Tensor* dy;
+    int64_t w;  // the weight's index, which is also its gradient's
+  };
+  Tensor column_backward(const Tensor& x, std::initializer_list<ColumnGrad> terms, int64_t real_rows = -1);
+  // Row-parallel: g_w += dy^T @ x, *dx = dy @ w (this rank's input columns; no sum).
+  void row_backward(const Tensor& x, int64_t w, const Tensor& dy, Tensor* dx);
+  // The gradient of a q/k norm gain shared by `heads` heads per row of x [n*heads, hd], summed over TP.
+  Tensor norm_gain_grad(const Tensor& x, const Tensor& w, const Tensor& rstd, const Tensor& dy, int64_t heads) const;
 
   Qwen3Weights weights_;
   Qwen3Weights grads_;  // empty (no tensors) when frozen

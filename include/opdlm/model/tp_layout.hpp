@@ -17,7 +17,8 @@ namespace opdlm::model {
 
 // The preflight's plan for this model at `tp` ranks (parallel::preflight on the model's dimensions,
 // a world of exactly tp ranks, no SLURM check): for code that already knows the layout is valid.
-parallel::TpPlan tp_plan(const Qwen3Config& c, int tp);
+// deterministic_shards > 0 plans the deterministic-reduction mode (PreflightInput).
+parallel::TpPlan tp_plan(const Qwen3Config& c, int tp, int64_t deterministic_shards = 0);
 
 // One TP rank's weight shapes, in Qwen3Weights' order and names: embedding and LM head split by
 // vocabulary rows (padded vocabulary), q/k/v and gate/up by output rows (column-parallel), o and

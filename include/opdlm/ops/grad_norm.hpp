@@ -2,6 +2,9 @@
 // exposed separately so a distributed trainer can all-reduce it before taking the root.
 #pragma once
 
+#include <array>
+#include <cstdint>
+#include <span>
 #include <vector>
 
 #include "opdlm/tensor/tensor.hpp"
@@ -19,6 +22,31 @@ double chunk_sq_sum(const double* p, int64_t n);
 double grad_sq_sum(const std::vector<const Tensor*>& grads);
 // sqrt(grad_sq_sum(grads)).
 double global_grad_norm(const std::vector<const Tensor*>& grads);
+
+// The exact sum of squares of f32 values, whatever order they come in: every x^2 is exact in double
+// and an integer multiple of 2^-298, so 32-bit digits in int64 lanes (a fixed-point superaccumulator
+// from 2^-320) hold the sum without rounding; value() converts the carried digits, one representation
+// per sum, so equal sums give equal doubles (a few ulps from the exact one). The deterministic-reduction
+// mode's gradient norm (docs/parallel.md): the same bits for every TP and DP layout, because ranks
+// add their lanes with an integer all-reduce.
+class ExactSquareSum {
+ public:
+  static constexpr int kDigits = 20;             // 640 bits: squares reach 2^256, counts add headroom
+  static constexpr int kLanes = kDigits + 2;     // + the counts of NaN and infinite values
+  void add(float x);
+  void add(std::span<const float> xs);
+  // Normalized lanes (every digit in [0, 2^32)): summing the lanes of several accumulators lane by
+  // lane (an MPI int64 sum of up to 2^31 ranks) gives the lanes of the union.
+  std::array<int64_t, kLanes> lanes();
+  // The sum held by (possibly summed) lanes: NaN if a NaN was added, else +inf if an inf was.
+  static double value(std::array<int64_t, kLanes> lanes);
+  double value() { return value(lanes()); }
+
+ private:
+  void normalize();
+  std::array<int64_t, kLanes> lane_{};
+  int64_t pending_ = 0;  // adds since the last carry propagation
+};
 
 // torch's factor: max_norm / (norm + 1e-6) when that is < 1, else 1; 1 for a non-finite norm
 // (the trainer decides what to do with such a step).

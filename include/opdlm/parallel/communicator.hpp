@@ -121,6 +121,17 @@ class Communicator {
   uint64_t seq_ = 0;
 };
 
+// ---- the deterministic-reduction mode ------------------------------------------------------------------
+
+// A tensor-parallel sum whose bits do not depend on the TP size (docs/parallel.md): the reduced
+// dimension is cut into C virtual shards, rank r of `tp` holding shards [r * pieces, (r + 1) * pieces)
+// (C = pieces * tp.size()). `parts` holds this rank's `pieces` partials of out.size() values back to
+// back; out <- the C partials all-gathered and combined by the fixed pairwise tree over the virtual
+// shard index (tree_combine_into). With the partials computed shard by shard, one process holding all
+// C shards and C ranks holding one each give the same bits.
+void virtual_shard_sum(Communicator& tp, int pieces, std::span<const float> parts, std::span<float> out);
+void virtual_shard_sum(Communicator& tp, int pieces, std::span<const double> parts, std::span<double> out);
+
 // ---- one process without MPI ------------------------------------------------------------------------
 
 // A communicator that claims (rank, size) without MPI. With size 1 every collective is the identity

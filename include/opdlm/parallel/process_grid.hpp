@@ -54,6 +54,10 @@ struct PreflightInput {
   int64_t vocab_size = 1;
   std::optional<int64_t> slurm_ntasks;  // SLURM_NTASKS when set
   bool check_slurm_ntasks = true;       // parallel.check_slurm_ntasks
+  // parallel.deterministic_shards (0: off): the deterministic-reduction mode computes every TP
+  // reduction as over this many virtual shards (docs/parallel.md); it must be a multiple of tp and
+  // divide the heads, the KV heads and the FFN width, and the vocabulary is padded to a multiple of it.
+  int64_t deterministic_shards = 0;
 };
 
 // How the model is sharded over a TP group of the checked size.
@@ -63,15 +67,18 @@ struct TpPlan {
   int64_t kv_heads_per_rank = 1;  // after replication
   int kv_replication = 1;         // > 1 when tp > num_kv_heads: each KV head lives on this many ranks
   int64_t ffn_per_rank = 1;
-  int64_t padded_vocab = 1;       // vocab rounded up to a multiple of tp; pad rows are zeros, their logits never computed
+  int64_t padded_vocab = 1;       // vocab rounded up to a multiple of tp (of deterministic_shards when on); pad rows
+                                  // are zeros, their logits never computed
   int64_t vocab_per_rank = 1;
+  int pieces = 0;                 // deterministic mode: virtual shards per rank (deterministic_shards / tp); 0: off
   std::vector<std::string> notes;  // human-readable: replication and padding, for the start log
 };
 
 // Throws an Error naming the file and field of the first problem:
 //   parallel.tp not dividing the world size; num_attention_heads, num_key_value_heads (neither a
 //   multiple of tp nor dividing it) or intermediate_size not divisible by tp; SLURM_NTASKS set and
-//   not equal to the world size (unless check_slurm_ntasks is false).
+//   not equal to the world size (unless check_slurm_ntasks is false); deterministic_shards not a
+//   multiple of tp or not dividing the heads, KV heads or intermediate_size.
 TpPlan preflight(const PreflightInput& in);
 
 // ---- the grid on a running MPI world -----------------------------------------------------------

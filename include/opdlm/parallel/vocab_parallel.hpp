@@ -21,12 +21,17 @@ namespace opdlm::parallel {
 struct VocabSlice {
   int64_t begin = 0;  // first column's token id
   int64_t total = 0;  // the whole vocabulary (top-K checks K against it)
+  // The deterministic-reduction mode (Qwen3Model TensorParallel::pieces): row sums over the vocabulary
+  // are taken per virtual shard of piece_cols columns and combined by virtual_shard_sum, so their bits
+  // do not depend on the TP size. 0: off (all_reduce_tree of this rank's sums).
+  int pieces = 0;
+  int64_t piece_cols = 0;
 };
 
 // Row log-sum-exp over the whole vocabulary, [n] f64 (-inf for a row of -inf logits).
-std::vector<double> vp_logsumexp(const Tensor& logits, Communicator& tp);
+std::vector<double> vp_logsumexp(const Tensor& logits, Communicator& tp, VocabSlice slice = {});
 // log_softmax over the whole vocabulary, of this rank's columns [n, V_r] (logits' dtype).
-Tensor vp_log_softmax(const Tensor& logits, Communicator& tp);
+Tensor vp_log_softmax(const Tensor& logits, Communicator& tp, VocabSlice slice = {});
 
 // ops::divergence_forward / _backward on vocab-parallel teacher log-probs and student logits. Top-K
 // takes the K best teacher tokens of the whole vocabulary (ties to the lower token id, as one
@@ -48,7 +53,7 @@ Tensor vp_cross_entropy_backward(const Tensor& logits, const Tensor& targets, co
 struct RowSoftmaxStats {
   std::vector<double> max, log_z, entropy;
 };
-RowSoftmaxStats vp_row_stats(const Tensor& logits, Communicator& tp, bool with_entropy);
+RowSoftmaxStats vp_row_stats(const Tensor& logits, Communicator& tp, bool with_entropy, VocabSlice slice = {});
 
 // ops::sample_token for every row of vocab-parallel logits [n, V_r] (f32), row i keyed by rngs[i]:
 // the same filtering (temperature; greedy keeps the global maximum; top-k keeps logits >= the k-th

@@ -41,6 +41,10 @@ class ShardedAdamW {
   // `replicated` (the same on every TP rank: norm gains) once. Without tp (or with one TP rank) the
   // norm is the DP one above, bit for bit.
   void set_tensor_parallel(Communicator* tp, std::vector<bool> replicated);
+  // The deterministic-reduction mode (docs/parallel.md): the global norm is the exact sum of squares
+  // (ops::ExactSquareSum, lanes summed by integer all-reduces over DP and TP), the same bits for
+  // every layout. Off: the chunked f64 order above.
+  void set_exact_norm(bool on) { exact_norm_ = on; }
 
   // One optimizer step. `grads` (same shapes as params) hold this rank's part of the gradient; the
   // step sums the parts over the DP group (tree order of ranks), clips to `clip` (<= 0: no
@@ -63,10 +67,14 @@ class ShardedAdamW {
   Communicator* dp_;
   Communicator* tp_ = nullptr;
   std::vector<bool> replicated_;
+  bool exact_norm_ = false;
   std::vector<ParamUnit> units_;
   std::vector<size_t> first_;
   int64_t shard_elems_ = 0, padded_ = 0;
   std::vector<float> m_, v_;
+  double exact_norm(const std::vector<float>& shard) const;
+  double chunked_norm(const std::vector<float>& shard) const;
+  void all_gather_params();
   // Step workspaces, kept between steps (no per-step allocation of model-sized buffers).
   std::vector<float> send_, shard_, own_, gathered_;
 };

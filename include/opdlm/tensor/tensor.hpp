@@ -82,6 +82,8 @@ class Tensor {
   Tensor view(Shape shape) const;
   // Rows [begin, end) of dimension 0, sharing storage.
   Tensor slice(int64_t begin, int64_t end) const;
+  // Columns [begin, end) of a 2-D CPU tensor, copied into a new contiguous tensor.
+  Tensor columns(int64_t begin, int64_t end) const;
   Tensor clone() const;
   // Converts between f32, f64 and bf16 (round-to-nearest-even), and i32 <-> floating.
   Tensor to(DType dtype) const;

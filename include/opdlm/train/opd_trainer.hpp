@@ -72,6 +72,7 @@ struct OpdTrainOptions {
   int64_t probe_limit = 32;
   // [parallel]: the layout (DP = world size / tp); the grid itself is given to run_opd_training
   int tp = 1;
+  int64_t deterministic_shards = 0;  // parallel.deterministic_shards (0: off)
   bool check_slurm_ntasks = true;
   std::string parallel_origin;  // where parallel.tp was set (named in layout errors)
   // [run]

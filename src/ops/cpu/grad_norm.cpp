@@ -3,6 +3,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <string>
 #include <vector>
 
@@ -86,6 +87,68 @@ double clip_grad_norm(const std::vector<Tensor*>& grads, double max_norm) {
   const double c = clip_coefficient(norm, max_norm);
   if (c < 1.0) scale_grads(grads, c);
   return norm;
+}
+
+}  // namespace opdlm::ops
+
+// ---- exact sum of squares --------------------------------------------------------------------------
+
+namespace opdlm::ops {
+
+namespace {
+constexpr int kLsbExponent = -320;  // lane 0's lowest bit is 2^-320 (every f32 square is a multiple of 2^-298)
+constexpr int64_t kDigitMask = (int64_t{1} << 32) - 1;
+}  // namespace
+
+void ExactSquareSum::add(float x) {
+  if (std::isnan(x)) {
+    ++lane_[kDigits];
+    return;
+  }
+  if (std::isinf(x)) {
+    ++lane_[kDigits + 1];
+    return;
+  }
+  if (x == 0) return;
+  const double s = double(x) * double(x);  // exact: 48 significant bits at most
+  int e = 0;
+  const double f = std::frexp(s, &e);                   // s = f 2^e, f in [0.5, 1)
+  auto m = static_cast<uint64_t>(std::ldexp(f, 53));    // s = m 2^(e - 53), m < 2^53
+  int shift = e - 53 - kLsbExponent;                    // m's lowest bit, counted from 2^-320
+  if (shift < 0) m >>= -shift, shift = 0;               // drops zero bits only (s is on the 2^-298 grid)
+  const unsigned __int128 v = static_cast<unsigned __int128>(m) << (shift % 32);
+  const int lane = shift / 32;
+  for (int k = 0; k < 3; ++k) lane_[size_t(lane + k)] += static_cast<int64_t>((v >> (32 * k)) & uint64_t(kDigitMask));
+  if (++pending_ >= (int64_t{1} << 30)) normalize();  // a digit lane takes < 2^32 per add: no int64 overflow
+}
+
+void ExactSquareSum::add(std::span<const float> xs) {
+  for (float x : xs) add(x);
+}
+
+void ExactSquareSum::normalize() {
+  for (int i = 0; i + 1 < kDigits; ++i) {
+    lane_[size_t(i + 1)] += lane_[size_t(i)] >> 32;
+    lane_[size_t(i)] &= kDigitMask;
+  }
+  pending_ = 0;
+}
+
+std::array<int64_t, ExactSquareSum::kLanes> ExactSquareSum::lanes() {
+  normalize();
+  return lane_;
+}
+
+double ExactSquareSum::value(std::array<int64_t, kLanes> l) {
+  if (l[kDigits] > 0) return std::numeric_limits<double>::quiet_NaN();
+  if (l[kDigits + 1] > 0) return std::numeric_limits<double>::infinity();
+  for (int i = 0; i + 1 < kDigits; ++i) {  // canonical digits: the rounding below sees one representation
+    l[size_t(i + 1)] += l[size_t(i)] >> 32;
+    l[size_t(i)] &= kDigitMask;
+  }
+  double r = 0;
+  for (int i = kDigits - 1; i >= 0; --i) r += std::ldexp(double(l[size_t(i)]), 32 * i + kLsbExponent);
+  return r;
 }
 
 }  // namespace opdlm::ops
