@@ -18,6 +18,7 @@
 #include <thread>
 #include <vector>
 
+#include "bench_util.hpp"
 #include "opdlm/base/log.hpp"
 #include "opdlm/io/bpe_trainer.hpp"
 #include "opdlm/io/model_file.hpp"
@@ -34,16 +35,6 @@ namespace fs = std::filesystem;
 
 namespace {
 
-// Waits for the world without spinning (idle ranks must not steal the cores of the measured group).
-void sleepy_barrier() {
-  MPI_Request req;
-  MPI_Ibarrier(MPI_COMM_WORLD, &req);
-  for (int done = 0; !done;) {
-    MPI_Test(&req, &done, MPI_STATUS_IGNORE);
-    if (!done) std::this_thread::sleep_for(std::chrono::milliseconds(5));
-  }
-}
-
 struct Row {
   int tp, dp;
   double s_per_step;
@@ -55,13 +46,8 @@ struct Row {
 }  // namespace
 
 int main(int argc, char** argv) {
-  MpiRuntime::ensure_initialized();
-  auto world = MpiCommunicator::world();
+  auto world = bench::start_mpi_bench();
   const int n = world->size(), me = world->rank();
-  LogOptions lo;
-  lo.rank = me;
-  lo.min_severity = Severity::warning;
-  init_logging(lo);
   const int64_t rl_steps = argc > 1 ? std::atoll(argv[1]) : 4;
 
   // ---- the setup: byte tokenizer, random quickstart-shaped teacher, arithmetic prompts ----
@@ -165,7 +151,7 @@ int main(int argc, char** argv) {
         }
         if (me == 0) rows.push_back(row);
       }
-      sleepy_barrier();
+      bench::sleepy_barrier();
     }
   if (me == 0) {
     std::printf("OPD step (quickstart shape, random weights, %lld RL steps, 16 prompts, 8 rows/update) on (TP, DP) "

@@ -17,6 +17,7 @@
 #include <thread>
 #include <vector>
 
+#include "bench_util.hpp"
 #include "opdlm/base/log.hpp"
 #include "opdlm/model/qwen3.hpp"
 #include "opdlm/model/tp_layout.hpp"
@@ -27,15 +28,6 @@ using namespace opdlm;
 using namespace opdlm::parallel;
 
 namespace {
-
-void sleepy_barrier() {  // idle ranks must not steal the cores of the measured group
-  MPI_Request req;
-  MPI_Ibarrier(MPI_COMM_WORLD, &req);
-  for (int done = 0; !done;) {
-    MPI_Test(&req, &done, MPI_STATUS_IGNORE);
-    if (!done) std::this_thread::sleep_for(std::chrono::milliseconds(5));
-  }
-}
 
 // ---- the analytic count -------------------------------------------------------------------------------
 
@@ -86,13 +78,8 @@ struct Row {
 }  // namespace
 
 int main(int argc, char** argv) {
-  MpiRuntime::ensure_initialized();
-  auto world = MpiCommunicator::world();
+  auto world = bench::start_mpi_bench();
   const int n = world->size(), me = world->rank();
-  LogOptions lo;
-  lo.rank = me;
-  lo.min_severity = Severity::warning;
-  init_logging(lo);
   const int steps = argc > 1 ? std::atoi(argv[1]) : 5;
 
   model::Qwen3Config c;
@@ -159,7 +146,7 @@ int main(int argc, char** argv) {
         row.analytic = analytic_step(c, uint64_t(B * T), uint64_t(R), tp, plan.pieces);
         if (me == 0) out.push_back(row);
       }
-      sleepy_barrier();
+      bench::sleepy_barrier();
     }
   if (me == 0) {
     std::printf("One student training step (8 x 48 tokens, 192 logit rows, forward KL; 4 layers, hidden 256, "

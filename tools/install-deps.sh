@@ -14,6 +14,7 @@ PKGS=(
   libpcre2-dev                                      # the tokenizer's pre-split regex
   libutf8proc-dev                                   # the tokenizer's NFC normalisation
   libssl-dev                                        # sha256 for deterministic data splits and hashes
+  libxxhash-dev                                     # checkpoint checksums (XXH3-64, per dataset and file)
   bible-kjv bible-kjv-text wordnet-base             # real text: KJV Bible, WordNet glosses (data.md)
   libgtest-dev libbenchmark-dev                     # tests and benchmarks
   python3-torch python3-numpy                       # independent PyTorch references (golden files)

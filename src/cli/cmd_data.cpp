@@ -11,6 +11,7 @@
 
 #include "opdlm/base/error.hpp"
 #include "opdlm/io/corpora.hpp"
+#include "opdlm/io/file_util.hpp"
 #include "opdlm/io/hash.hpp"
 #include "opdlm/io/jsonl_dataset.hpp"
 #include "opdlm/io/token_shard.hpp"
@@ -34,13 +35,7 @@ constexpr const char* kUsage =
     "  facts       invented-entity facts: teacher text + recall/multiple-choice eval JSONL\n\n"
     "Run `opdlm data <action> --help` for its options.\n";
 
-std::string read_file(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) OPDLM_FAIL_AT(path, "", "cannot open input");
-  std::ostringstream ss;
-  ss << in.rdbuf();
-  return ss.str();
-}
+std::string read_file(const std::string& path) { return opdlm::io::read_file_bytes(path); }
 
 void write_text(const std::string& path, const std::vector<std::string>& lines) {
   const std::string tmp = path + ".tmp";

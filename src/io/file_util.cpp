@@ -7,6 +7,8 @@
 
 #include <cerrno>
 #include <cstdio>
+#include <sstream>
+#include <fstream>
 #include <cstring>
 #include <filesystem>
 #include <memory>
@@ -165,6 +167,15 @@ std::string sha256_file(const std::string& path) {
   unsigned int len = 0;
   if (EVP_DigestFinal_ex(ctx.get(), md, &len) != 1) OPDLM_FAIL("OpenSSL sha256 failed");
   return hex_of(md, len);
+}
+
+std::string read_file_bytes(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) OPDLM_FAIL_AT(path, "", "cannot open the file for reading");
+  std::ostringstream ss;
+  ss << in.rdbuf();
+  if (in.bad()) OPDLM_FAIL_AT(path, "", "read error");
+  return ss.str();
 }
 
 }  // namespace opdlm::io

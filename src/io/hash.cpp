@@ -3,7 +3,10 @@
 
 #include <openssl/evp.h>
 
+#include <xxhash.h>
+
 #include <boost/crc.hpp>
+#include <cstdio>
 #include <fstream>
 #include <memory>
 #include <vector>
@@ -102,6 +105,30 @@ uint32_t crc32c(const void* data, size_t n, uint32_t crc) {
   boost::crc_optimal<32, 0x1EDC6F41, 0xFFFFFFFF, 0xFFFFFFFF, true, true> c(init);
   c.process_bytes(data, n);
   return c.checksum();
+}
+
+namespace {
+std::string hex64(uint64_t v) {
+  char buf[17];
+  std::snprintf(buf, sizeof buf, "%016llx", static_cast<unsigned long long>(v));
+  return buf;
+}
+}  // namespace
+
+std::string xxh3_hex(const void* data, size_t n) { return hex64(XXH3_64bits(data, n)); }
+
+std::string xxh3_file_hex(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) OPDLM_FAIL_AT(path, "", "cannot open the file to hash it");
+  std::unique_ptr<XXH3_state_t, XXH_errorcode (*)(XXH3_state_t*)> st(XXH3_createState(), &XXH3_freeState);
+  if (!st || XXH3_64bits_reset(st.get()) != XXH_OK) OPDLM_FAIL("xxh3: cannot create a hash state");
+  std::vector<char> buf(size_t{4} << 20);
+  while (in) {
+    in.read(buf.data(), std::streamsize(buf.size()));
+    if (in.gcount() > 0) XXH3_64bits_update(st.get(), buf.data(), size_t(in.gcount()));
+  }
+  if (in.bad()) OPDLM_FAIL_AT(path, "", "read error while hashing");
+  return hex64(XXH3_64bits_digest(st.get()));
 }
 
 }  // namespace opdlm::io

@@ -142,6 +142,21 @@ Qwen3Weights shard_weights(const Qwen3Weights& full, const parallel::TpPlan& p, 
   return out;
 }
 
+ShardBlock shard_block(const std::string& name, const Qwen3Config& c, const parallel::TpPlan& p, int rank) {
+  const Cut cut = cut_of(name);
+  if (cut == Cut::none) return {};
+  if (is_vocab(name)) {
+    const VocabRange vr = vocab_range(c, p, rank);
+    return {0, vr.begin, vr.real};
+  }
+  for (const auto& [n, shape] : tp_shard_shapes(c, p))
+    if (n == name) {
+      const int dim = cut == Cut::rows ? 0 : 1;
+      return {dim, int64_t{rank} * shape[size_t(dim)], shape[size_t(dim)]};
+    }
+  OPDLM_FAIL("shard_block: no tensor '", name, "' in the model");
+}
+
 Qwen3Weights unshard_weights(const std::vector<const Qwen3Weights*>& shards, const Qwen3Config& c,
                              const parallel::TpPlan& p) {
   refuse_kv_replication(p);

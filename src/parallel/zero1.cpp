@@ -199,4 +199,41 @@ void ShardedAdamW::all_gather_params() {
   }
 }
 
+void ShardedAdamW::gather_moments(std::vector<std::vector<float>>& m, std::vector<std::vector<float>>& v) {
+  const int dp = dp_->size();
+  const size_t P = size_t(padded_);
+  m.assign(params_.size(), {});
+  v.assign(params_.size(), {});
+  for (size_t i = 0; i < params_.size(); ++i) m[i].assign(size_t(params_[i]->numel()), 0.0f), v[i] = m[i];
+  for (auto [mine, whole] : {std::pair{&m_, &m}, std::pair{&v_, &v}}) {
+    std::vector<float> own(P, 0.0f), all(size_t(dp) * P);
+    std::copy(mine->begin(), mine->end(), own.begin());
+    dp_->all_gather(std::span<const float>(own), std::span<float>(all));
+    for (int r = 0; r < dp; ++r) {
+      size_t off = size_t(r) * P;
+      for (size_t u = first_[size_t(r)]; u < first_[size_t(r) + 1]; ++u) {
+        const ParamUnit& x = units_[u];
+        std::copy_n(all.data() + off, x.size(), (*whole)[size_t(x.tensor)].data() + x.begin);
+        off += size_t(x.size());
+      }
+    }
+  }
+}
+
+void ShardedAdamW::set_moments(const std::vector<std::vector<float>>& m, const std::vector<std::vector<float>>& v) {
+  OPDLM_CHECK(m.size() == params_.size() && v.size() == params_.size(), "ShardedAdamW::set_moments: ", m.size(),
+              " tensors for ", params_.size(), " parameters");
+  for (size_t i = 0; i < params_.size(); ++i)
+    OPDLM_CHECK(int64_t(m[i].size()) == params_[i]->numel() && int64_t(v[i].size()) == params_[i]->numel(),
+                "ShardedAdamW::set_moments: tensor ", i, " has ", m[i].size(), " moments for ", params_[i]->numel(),
+                " parameters");
+  size_t off = 0;
+  for (size_t u = first_[size_t(dp_->rank())]; u < first_[size_t(dp_->rank()) + 1]; ++u) {
+    const ParamUnit& x = units_[u];
+    std::copy_n(m[size_t(x.tensor)].data() + x.begin, x.size(), m_.data() + off);
+    std::copy_n(v[size_t(x.tensor)].data() + x.begin, x.size(), v_.data() + off);
+    off += size_t(x.size());
+  }
+}
+
 }  // namespace opdlm::parallel

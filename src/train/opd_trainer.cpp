@@ -22,6 +22,10 @@
 #include "opdlm/model/tp_layout.hpp"
 #include "opdlm/parallel/tree_sum.hpp"
 #include "opdlm/parallel/zero1.hpp"
+#include "opdlm/io/checkpoint.hpp"
+#include "opdlm/io/file_util.hpp"
+#include "opdlm/io/hash.hpp"
+#include "opdlm/train/opd_checkpoint.hpp"
 #include "opdlm/train/train_common.hpp"
 
 namespace po = boost::program_options;
@@ -113,6 +117,12 @@ po::options_description OpdTrainOptions::schema() {
       ("run.seed", po::value<uint32_t>()->default_value(1234), "seed (prompt order, rollouts, states)")
       ("run.log_every", po::value<int64_t>()->default_value(1), "RL steps between log lines")
       ("run.save_every", po::value<int64_t>()->default_value(0), "RL steps between model saves (0: end only)")
+      ("run.resume", po::value<std::string>()->default_value(""),
+       "resume from a checkpoint: '' (start fresh), 'auto' (the newest valid one under run.out_dir/checkpoints; "
+       "fresh when there is none) or a checkpoint directory (docs/checkpoint.md)")
+      ("checkpoint.every", po::value<int64_t>()->default_value(0),
+       "RL steps between crash-safe checkpoints of the whole training state, and one at the end (0: off)")
+      ("checkpoint.keep", po::value<int64_t>()->default_value(3), "committed checkpoints kept (the newest)")
       ("run.save_at_tokens", po::value<std::string>()->default_value(""), "comma-separated training-token milestones to save checkpoints/tokens_<M>.h5 at");
   add_optim_options(d, 1e-4, 5, 0, 0.0, "cosine horizon in optimizer steps (0: rl_steps * ceil(prompts_per_step / rows_per_update))");
   return d;
@@ -208,6 +218,9 @@ OpdTrainOptions OpdTrainOptions::from_config(const ResolvedConfig& c, Conversion
   o.seed = c.get<uint32_t>("run.seed");
   o.log_every = positive("run.log_every", c.get<int64_t>("run.log_every"), 1);
   o.save_every = positive("run.save_every", c.get<int64_t>("run.save_every"), 0);
+  o.resume = c.get<std::string>("run.resume");
+  o.checkpoint_every = positive("checkpoint.every", c.get<int64_t>("checkpoint.every"), 0);
+  o.checkpoint_keep = positive("checkpoint.keep", c.get<int64_t>("checkpoint.keep"), 1);
   {
     const std::string list = c.get<std::string>("run.save_at_tokens");
     size_t pos = 0;
@@ -316,6 +329,37 @@ std::vector<diffusion::Rollout> shared_bd_generate(const model::Qwen3Model& stud
 
 }  // namespace
 
+namespace {
+nlohmann::json budget_to_json(const BudgetCounters& b) {
+  return {{"rollouts", b.rollouts},
+          {"skipped_prompts", b.skipped_prompts},
+          {"generated_tokens", b.generated_tokens},
+          {"train_prompt_tokens", b.train_prompt_tokens},
+          {"train_response_tokens", b.train_response_tokens},
+          {"rows", b.rows},
+          {"loss_positions", b.loss_positions},
+          {"rollout_flops", b.rollout_flops},
+          {"teacher_flops", b.teacher_flops},
+          {"student_forward_flops", b.student_forward_flops},
+          {"student_backward_flops", b.student_backward_flops}};
+}
+BudgetCounters budget_from_json(const nlohmann::json& j) {
+  BudgetCounters b;
+  b.rollouts = j.at("rollouts");
+  b.skipped_prompts = j.at("skipped_prompts");
+  b.generated_tokens = j.at("generated_tokens");
+  b.train_prompt_tokens = j.at("train_prompt_tokens");
+  b.train_response_tokens = j.at("train_response_tokens");
+  b.rows = j.at("rows");
+  b.loss_positions = j.at("loss_positions");
+  b.rollout_flops = j.at("rollout_flops");
+  b.teacher_flops = j.at("teacher_flops");
+  b.student_forward_flops = j.at("student_forward_flops");
+  b.student_backward_flops = j.at("student_backward_flops");
+  return b;
+}
+}  // namespace
+
 int64_t dp_rows_per_rank(int dp, int64_t rows_per_update, const std::string& where) {
   const int64_t width = parallel::tree_width(rows_per_update);
   if (dp < 1 || (dp & (dp - 1)) != 0 || width % dp != 0)
@@ -347,11 +391,44 @@ OpdTrainSummary run_opd_training(const OpdTrainOptions& o, const std::string& re
     OPDLM_FAIL_AT(layout_where, "rollout.top_p",
                   "top_p < 1 is not vocab-parallel yet; use rollout.top_p = 1 with ", tp_key, " set");
   const bool writer = grid.writes_outputs;
-  const std::string model_path = o.out_dir + "/model.h5";
+  const std::string model_path = o.out_dir + "/model.h5", metrics_path = o.out_dir + "/metrics.jsonl";
+
+  // ---- resume: the checkpoint (the same on every rank) and its state, before any output is opened ----
+  const std::string ckpt_root = o.out_dir + "/checkpoints";
+  parallel::Communicator& tp_grid = grid.tp ? *grid.tp : tp_of_one;
+  const CkptGrid cgrid{tp_grid, dp, dp.rank() * tp_grid.size() + tp_grid.rank()};
+  std::vector<std::string> resume_skipped;
+  const std::string resume_dir = choose_resume_checkpoint(o.resume, ckpt_root, cgrid, &resume_skipped);
+  for (const auto& why : resume_skipped) OPDLM_LOG(warning) << "resume: skipped " << why;
+  std::optional<RunState> resumed;
+  if (!resume_dir.empty()) resumed = read_run_state(resume_dir);
+  // The teacher is not copied into checkpoints: its path and content hash are, and must still match.
+  std::string teacher_sha;
+  if (writer && (o.checkpoint_every > 0 || resumed) && !o.teacher.empty()) teacher_sha = io::sha256_file(o.teacher);
+  if (resumed) {
+    const nlohmann::json& m = resumed->meta;
+    const std::string saved_sha = m.value("teacher", nlohmann::json::object()).value("sha256", "");
+    if (writer && saved_sha != teacher_sha)
+      OPDLM_FAIL_AT(o.teacher, "model.teacher", "the teacher's sha256 is ", teacher_sha.empty() ? "(none)" : teacher_sha,
+                    ", the checkpoint ", resume_dir, " was trained against ", saved_sha.empty() ? "(none)" : saved_sha,
+                    ": resuming with another teacher would mix two runs");
+    if (m.value("mode", "") != conversion_mode_name(o.mode))
+      OPDLM_FAIL_AT(resume_dir, "mode", "the checkpoint is of --mode ", m.value("mode", ""), ", this run is --mode ",
+                    conversion_mode_name(o.mode));
+  }
   std::optional<MetricsLog> metrics_log;
   if (writer) {
     fs::create_directories(o.out_dir);
-    metrics_log.emplace(o.out_dir + "/metrics.jsonl");
+    if (resumed) {  // the log continues exactly where the checkpoint was taken
+      const auto offset = resumed->meta.at("metrics_offset").get<uintmax_t>();
+      std::error_code ec;
+      const uintmax_t size = fs::exists(metrics_path, ec) ? fs::file_size(metrics_path) : 0;
+      if (size < offset)
+        OPDLM_FAIL_AT(metrics_path, "metrics_offset", "the metrics log has ", size, " bytes, the checkpoint ", resume_dir,
+                      " was taken at byte ", offset, " (a log of another run?)");
+      fs::resize_file(metrics_path, offset);
+    }
+    metrics_log.emplace(metrics_path);
   }
   struct {
     std::optional<MetricsLog>* log;
@@ -416,15 +493,21 @@ OpdTrainSummary run_opd_training(const OpdTrainOptions& o, const std::string& re
     if (static_cast<int64_t>(probe.size()) > o.probe_limit) probe.resize(size_t(o.probe_limit));
   }
 
+  std::string run_id = resumed ? resumed->meta.value("run_id", "") : std::string();
+  if (run_id.empty())
+    run_id = io::sha256_hex(std::to_string(std::chrono::system_clock::now().time_since_epoch().count()) + o.out_dir +
+                            std::to_string(o.seed)).substr(0, 16);
   OPDLM_LOG(info) << "opdlm train --mode " << mode << ": " << cfg.num_params() << " parameters, "
                   << prompts.size() << " prompts, TP " << (tp ? tp->size() : 1) << " x DP " << dp.size()
                   << (o.deterministic_shards ? ", deterministic reductions over " + std::to_string(o.deterministic_shards) +
                                                    " virtual shards" : std::string()) << "\n"
                   << resolved_table;
-  metrics.write({{"event", "start"}, {"mode", mode}, {"params", cfg.num_params()}, {"prompts", prompts.size()},
-                 {"parallel", {{"tp", tp ? tp->size() : 1}, {"dp", dp.size()}, {"rows_per_rank", rows_per_rank},
-                               {"deterministic_shards", o.deterministic_shards}}},
-                 {"sampler", diffusion::sampler_options_to_json(sampler)}, {"config", resolved_table}});
+  if (!resumed)  // a resumed run's log already starts with its start line
+    metrics.write({{"event", "start"}, {"mode", mode}, {"run_id", run_id}, {"params", cfg.num_params()},
+                   {"prompts", prompts.size()},
+                   {"parallel", {{"tp", tp ? tp->size() : 1}, {"dp", dp.size()}, {"rows_per_rank", rows_per_rank},
+                                 {"deterministic_shards", o.deterministic_shards}}},
+                   {"sampler", diffusion::sampler_options_to_json(sampler)}, {"config", resolved_table}});
 
   // ---- state-KL probe: held-out prompts, decoded greedily with one token per step (eval settings) ----
   OpdTrainSummary sum;
@@ -521,12 +604,65 @@ OpdTrainSummary run_opd_training(const OpdTrainOptions& o, const std::string& re
     }
   };
 
-  run_probe(0);
   diffusion::RolloutBuffer rollouts;
+  int64_t start_step = 0, last_checkpoint = -1;
+  if (resumed) {
+    // Parameters and moments resharded for this layout; counters, cursor and rollouts as saved.
+    load_run_tensors(resume_dir, student, plan, tp ? tp->rank() : 0, optimizer);
+    const nlohmann::json& m = resumed->meta;
+    start_step = last_checkpoint = m.at("rl_step");
+    sum.rl_steps = start_step;
+    sum.optimizer_steps = m.at("optimizer_steps");
+    bc = budget_from_json(m.at("budget"));
+    const nlohmann::json& sm = m.at("summary");
+    sum.final_loss = sm.at("final_loss");
+    sum.probe_own_kl_first = sm.at("probe_own_kl_first");
+    sum.probe_own_kl_last = sm.at("probe_own_kl_last");
+    sum.probe_random_kl_last = sm.at("probe_random_kl_last");
+    rollouts = resumed->rollouts;
+    while (next_milestone < o.save_at_tokens.size() && o.save_at_tokens[next_milestone] <= bc.train_tokens()) ++next_milestone;
+    const nlohmann::json saved_layout = m.value("layout", nlohmann::json::object());
+    // The log was cut where the checkpoint was taken, before the line that announced its commit.
+    metrics.write({{"event", "checkpoint"}, {"rl_step", start_step}, {"path", ckpt_root + "/" + io::checkpoint_dir_name(start_step)}});
+    metrics.write({{"event", "resume"}, {"run_id", run_id}, {"from", resume_dir}, {"rl_step", start_step},
+                   {"optimizer_steps", sum.optimizer_steps}, {"saved_layout", saved_layout}, {"skipped", resume_skipped}});
+    OPDLM_LOG(info) << "resumed from " << resume_dir << " at RL step " << start_step << " (saved at TP "
+                    << saved_layout.value("tp", 1) << " x DP " << saved_layout.value("dp", 1) << ")";
+  } else {
+    run_probe(0);
+  }
+  // The whole training state at the end of RL step `rl_step` (every rank calls it).
+  auto checkpoint = [&](int64_t rl_step) {
+    RunState st;
+    st.rollouts = rollouts;
+    std::error_code ec;
+    st.meta = {{"run_id", run_id}, {"mode", mode}, {"rl_step", rl_step}, {"optimizer_steps", sum.optimizer_steps},
+               {"budget", budget_to_json(bc)},
+               {"summary", {{"final_loss", sum.final_loss}, {"probe_own_kl_first", sum.probe_own_kl_first},
+                            {"probe_own_kl_last", sum.probe_own_kl_last}, {"probe_random_kl_last", sum.probe_random_kl_last}}},
+               // The RNG is counter-based: every draw is keyed by (seed, purpose, RL step, sample id,
+               // position), so the seed and the next step are its whole state; the prompt stream is
+               // the seeded permutation per epoch, read from sample id next_sample_id on.
+               {"rng", {{"seed", o.seed}, {"next_rl_step", rl_step}}},
+               {"data_cursor", {{"next_sample_id", rl_step * o.prompts_per_step}, {"prompts", prompts.size()},
+                                {"prompts_per_step", o.prompts_per_step}}},
+               {"lr_next", o.schedule.at(sum.optimizer_steps)},
+               {"metrics_offset", writer && fs::exists(metrics_path, ec) ? int64_t(fs::file_size(metrics_path)) : int64_t{0}},
+               {"teacher", {{"path", o.teacher}, {"sha256", teacher_sha}}},
+               {"student_init", o.student_init},
+               {"layout", {{"tp", tp ? tp->size() : 1}, {"dp", dp.size()}, {"deterministic_shards", o.deterministic_shards}}},
+               {"config", resolved_table},
+               {"config_sha256", io::sha256_hex(resolved_table)},
+               {"model_config", cfg.to_json()}};
+    save_run_checkpoint(ckpt_root, rl_step, int(o.checkpoint_keep), cgrid, student, plan, optimizer, st);
+    last_checkpoint = rl_step;
+    metrics.write({{"event", "checkpoint"}, {"rl_step", rl_step}, {"path", ckpt_root + "/" + io::checkpoint_dir_name(rl_step)}});
+  };
   std::vector<uint64_t> perm;
   uint64_t perm_epoch = UINT64_MAX;
-  bool budget_reached = false;
-  for (int64_t step = 0; step < o.rl_steps && !budget_reached; ++step) {
+  // A run resumed from the checkpoint it took when its token budget ran out has nothing left to train.
+  bool budget_reached = o.max_train_tokens > 0 && bc.train_tokens() >= o.max_train_tokens;
+  for (int64_t step = start_step; step < o.rl_steps && !budget_reached; ++step) {
     set_error_step(step);
     const uint32_t ustep = static_cast<uint32_t>(step);
     const int64_t max_new = max_rollout_length(step, o.ramp_start_tokens, sampler.max_new_tokens, o.ramp_steps,
@@ -755,8 +891,11 @@ OpdTrainSummary run_opd_training(const OpdTrainOptions& o, const std::string& re
     }
     if (o.probe_every > 0 && (step + 1) % o.probe_every == 0 && step + 1 < o.rl_steps && !budget_reached) run_probe(step + 1);
     if (o.save_every > 0 && (step + 1) % o.save_every == 0 && step + 1 < o.rl_steps && !budget_reached) save(step + 1);
+    if (o.checkpoint_every > 0 && (step + 1) % o.checkpoint_every == 0 && step + 1 < o.rl_steps && !budget_reached)
+      checkpoint(step + 1);
   }
   set_error_step(-1);
+  if (o.checkpoint_every > 0 && last_checkpoint != sum.rl_steps) checkpoint(sum.rl_steps);
   run_probe(sum.rl_steps);
   sum.wall_s = elapsed();
   save(sum.rl_steps);

@@ -8,12 +8,14 @@
 #include <cstdio>
 #include <cstring>
 #include <filesystem>
+#include <map>
 #include <nlohmann/json.hpp>
 #include <string>
 #include <vector>
 
 #include <unistd.h>
 
+#include "opdlm/io/checkpoint.hpp"
 #include "opdlm/io/model_file.hpp"
 #include "opdlm/parallel/communicator.hpp"
 #include "opdlm/train/opd_trainer.hpp"
@@ -54,7 +56,7 @@ std::string unique_name(const std::string& base, MpiCommunicator& world) {
 std::vector<nlohmann::json> comparable_lines(const std::string& path) {
   std::vector<nlohmann::json> out;
   for (auto j : test::read_metrics_jsonl(path)) {
-    for (const char* k : {"elapsed_s", "train_tokens_per_s", "wall_s", "config", "path", "parallel"}) j.erase(k);
+    for (const char* k : {"elapsed_s", "train_tokens_per_s", "wall_s", "config", "path", "parallel", "run_id"}) j.erase(k);
     out.push_back(j);
   }
   return out;
@@ -78,6 +80,30 @@ void expect_same_run(const std::string& ref_dir, const std::string& dir) {
     steps += la[i]["event"] == "step";
   }
   EXPECT_EQ(steps, 3);
+}
+
+// Runs `run_opd_training(options(out), ...)` on every (TP, DP) layout that fits the world, TP
+// fastest as grid_coord (TP groups of consecutive ranks, DP groups strided), out = prefix + "tp<T>_dp<D>";
+// ranks outside the layout wait. `before(out)` runs on rank 0 first, `check(tp, dp, out)` on rank 0
+// after. The 1 x 1 layout is skipped when `skip_one`.
+template <class Options, class Before, class Check>
+void on_every_layout(MpiCommunicator& world, const std::string& prefix, bool skip_one, Options&& options,
+                     Before&& before, Check&& check) {
+  const int n = world.size(), r = world.rank();
+  for (int tp = 1; tp <= n; tp *= 2)
+    for (int dp = 1; tp * dp <= n; dp *= 2) {
+      if (skip_one && tp * dp == 1) continue;
+      SCOPED_TRACE("tp " + std::to_string(tp) + " dp " + std::to_string(dp));
+      const std::string out = prefix + "tp" + std::to_string(tp) + "_dp" + std::to_string(dp);
+      if (r == 0) before(out);
+      world.barrier();
+      const bool in = r < tp * dp;
+      auto tpc = world.split(in ? r / tp : n + r, r, "tp");
+      auto dpc = world.split(in ? r % tp : n + r, r, "dp");
+      if (in) train::run_opd_training(options(out), "test", {dpc.get(), r == 0, tpc.get()});
+      world.barrier();
+      if (r == 0) check(tp, dp, out);
+    }
 }
 
 TEST(DataParallelOpd, EveryDpSizeTrainsBitForBitLikeOneProcess) {
@@ -133,18 +159,7 @@ TEST(GridOpd, EveryTpDpLayoutTrainsLikeOneProcess) {
   };
   if (r == 0) train::run_opd_training(options("ref"), "test");
   world->barrier();
-  for (int tp = 1; tp <= n; tp *= 2)
-    for (int dp = 1; tp * dp <= n; dp *= 2) {
-      if (tp * dp == 1) continue;
-      SCOPED_TRACE("tp " + std::to_string(tp) + " dp " + std::to_string(dp));
-      const bool in = r < tp * dp;
-      // TP fastest, as grid_coord: TP groups of consecutive ranks, DP groups strided.
-      auto tpc = world->split(in ? r / tp : n + r, r, "tp");
-      auto dpc = world->split(in ? r % tp : n + r, r, "dp");
-      const std::string out = "tp" + std::to_string(tp) + "_dp" + std::to_string(dp);
-      if (in) train::run_opd_training(options(out), "test", {dpc.get(), r == 0, tpc.get()});
-      world->barrier();
-      if (r != 0) continue;
+  on_every_layout(*world, "", /*skip_one=*/true, options, [](const std::string&) {}, [&](int tp, int dp, const std::string& out) {
       const auto ref = comparable_lines(s.dir + "/ref/metrics.jsonl"), got = comparable_lines(s.dir + "/" + out + "/metrics.jsonl");
       ASSERT_EQ(ref.size(), got.size());
       // Losses and probe KLs (1e-6, the issue's bound) and gradient norms (2e-6, see below) apart.
@@ -190,7 +205,7 @@ TEST(GridOpd, EveryTpDpLayoutTrainsLikeOneProcess) {
       EXPECT_LT(last, 2e-6) << "worst tensor " << name;
       std::printf("[grid tp %d dp %d] loss/KL rel err %.3g, gradient norm %.3g, parameters after step 1 %.3g (%s), "
                   "after step 3 %.3g (%s)\n", tp, dp, worst, worst_norm, first, name1.c_str(), last, name.c_str());
-    }
+  });
   world->barrier();
   if (r == 0) std::filesystem::remove_all(s.dir);
 }
@@ -212,19 +227,108 @@ TEST(GridOpd, DeterministicModeIsBitwiseAcrossEveryLayout) {
   };
   if (r == 0) train::run_opd_training(options("ref"), "test");
   world->barrier();
-  for (int tp = 1; tp <= n; tp *= 2)
-    for (int dp = 1; tp * dp <= n; dp *= 2) {
-      SCOPED_TRACE("tp " + std::to_string(tp) + " dp " + std::to_string(dp));
-      const bool in = r < tp * dp;
-      auto tpc = world->split(in ? r / tp : n + r, r, "tp");
-      auto dpc = world->split(in ? r % tp : n + r, r, "dp");
-      const std::string out = "det_tp" + std::to_string(tp) + "_dp" + std::to_string(dp);
-      if (in) train::run_opd_training(options(out), "test", {dpc.get(), r == 0, tpc.get()});
-      world->barrier();
-      if (r == 0) expect_same_run(s.dir + "/ref", s.dir + "/" + out);
-    }
+  on_every_layout(*world, "det_", /*skip_one=*/false, options, [](const std::string&) {},
+                  [&](int, int, const std::string& out) { expect_same_run(s.dir + "/ref", s.dir + "/" + out); });
   world->barrier();
   if (r == 0) std::filesystem::remove_all(s.dir);
 }
+
+// A checkpoint written by one process after RL step 1 of 2 resumes on every (TP, DP) layout of the
+// world (issue 6): the run then ends like the uninterrupted one, bit for bit when only DP changes,
+// within 1e-6 when TP changes (bitwise in the deterministic mode): parameters, losses, gradient norms
+// and probe KLs; the AdamW moments of the final checkpoint within 2e-6 (m) and 3e-6 (v), the f32
+// rounding of TP gradients they average.
+void check_resume_on_every_layout(int deterministic) {
+  auto world = MpiCommunicator::world();
+  const int n = world->size(), r = world->rank();
+  const auto s = test::make_tiny_opd_setup(unique_name("mpi_resume", *world), r == 0, /*kv_heads=*/4);
+  world->barrier();
+  const Case c{"opd", train::ConversionMode::opd, train::CeSource::gold};
+  auto options = [&](const std::string& out) {
+    auto o = case_options(s, c, out);
+    o.probe_every = 1;
+    o.checkpoint_every = 1;
+    o.checkpoint_keep = 5;
+    o.resume = "auto";
+    o.rl_steps = 2;  // N = 2: stopped after step 1, resumed for step 2
+    o.deterministic_shards = deterministic;
+    return o;
+  };
+  if (r == 0) train::run_opd_training(options("ref"), "test");
+  world->barrier();
+  // The run as it stood when it was stopped after RL step 1.
+  auto stopped_after_step_1 = [&](const std::string& out) {
+    std::filesystem::copy(s.dir + "/ref", s.dir + "/" + out, std::filesystem::copy_options::recursive);
+    std::filesystem::remove_all(s.dir + "/" + out + "/checkpoints/step_00000002");
+  };
+  on_every_layout(*world, "resume_", /*skip_one=*/false, options, stopped_after_step_1, [&](int tp, int dp, const std::string& out) {
+      const double tol = tp == 1 || deterministic ? 0.0 : 1e-6;
+      // Losses and counts.
+      const auto a = comparable_lines(s.dir + "/ref/metrics.jsonl");
+      std::vector<nlohmann::json> b;
+      for (const auto& j : comparable_lines(s.dir + "/" + out + "/metrics.jsonl"))
+        if (j["event"] != "resume") b.push_back(j);
+      ASSERT_EQ(a.size(), b.size());
+      for (size_t i = 0; i < a.size(); ++i) {
+        nlohmann::json x = a[i], y = b[i];
+        for (const char* k : {"loss", "own_state_kl", "random_state_kl", "final_loss", "probe_own_kl_last",
+                              "probe_random_kl_last", "grad_norm"}) {
+          if (!x.contains(k) || x[k].is_null()) continue;
+          const double u = x[k], v = y[k];
+          EXPECT_LE(std::abs(u - v), tol * std::max(std::abs(u), 1.0)) << k << " line " << i;
+          x.erase(k), y.erase(k);
+        }
+        EXPECT_EQ(x, y) << "line " << i;
+      }
+      // Parameters (model.h5) and AdamW moments (the final checkpoint), per tensor max |a - b| / max |a|.
+      // Worst per group. Parameters within tol (measured 6.9e-7 at TP 2). The moments are averages of
+      // the gradients themselves, whose f32 TP sums differ from one process by up to 1.6e-6 relative
+      // (TensorParallelModel.F32ShardsComputeTheWholeModelWithin1e6): m measured 1.9e-6, bounded at
+      // 2 tol; v (an average of g^2, twice the relative error) 2.6e-6, at 3 tol. Bitwise in the
+      // deterministic mode (the next test).
+      std::map<std::string, std::pair<double, std::string>> worst;
+      auto compare = [&](const std::string& name, const std::vector<double>& x, const std::vector<double>& y) {
+        ASSERT_EQ(x.size(), y.size()) << name;
+        double num = 0, den = 0;
+        for (size_t k = 0; k < x.size(); ++k) num = std::max(num, std::abs(x[k] - y[k])), den = std::max(den, std::abs(x[k]));
+        const std::string group = name.rfind("adam_m/", 0) == 0 ? "m" : name.rfind("adam_v/", 0) == 0 ? "v" : "params";
+        auto& w = worst[group];
+        if (den > 0 && num / den > w.first) w = {num / den, name};
+        if (tol == 0) EXPECT_EQ(num, 0.0) << name;
+      };
+      const auto wa = io::load_model(s.dir + "/ref/model.h5"), wb = io::load_model(s.dir + "/" + out + "/model.h5");
+      for (size_t i = 0; i < wa.tensors().size(); ++i)
+        compare(wa.tensors()[i].name, wa.tensors()[i].value.to_f64_vector(), wb.tensors()[i].value.to_f64_vector());
+      auto whole_moments = [&](const std::string& dir) {
+        std::map<std::string, Tensor> out_m;
+        for (const auto& e : std::filesystem::directory_iterator(dir))
+          if (e.path().filename().string().rfind("shard_tp", 0) == 0)
+            for (const auto& blk : io::read_checkpoint_file(e.path().string()).blocks) {
+              if (blk.name.rfind("adam_", 0) != 0) continue;
+              if (!out_m.count(blk.name)) out_m.emplace(blk.name, Tensor::zeros(blk.global_shape));
+              io::place_block(blk, out_m.at(blk.name));
+            }
+        return out_m;
+      };
+      const auto ma = whole_moments(s.dir + "/ref/checkpoints/step_00000002");
+      const auto mb = whole_moments(s.dir + "/" + out + "/checkpoints/step_00000002");
+      ASSERT_EQ(ma.size(), mb.size());
+      ASSERT_GT(ma.size(), 10u);
+      for (const auto& [name, t] : ma) compare(name, t.to_f64_vector(), mb.at(name).to_f64_vector());
+      EXPECT_LE(worst["params"].first, tol) << worst["params"].second;
+      EXPECT_LE(worst["m"].first, 2 * tol) << worst["m"].second;
+      EXPECT_LE(worst["v"].first, 3 * tol) << worst["v"].second;
+      std::printf("[resume at tp %d dp %d%s] worst rel err: parameters %.3g (%s), m %.3g, v %.3g\n", tp, dp,
+                  deterministic ? ", deterministic" : "", worst["params"].first, worst["params"].second.c_str(),
+                  worst["m"].first, worst["v"].first);
+  });
+  world->barrier();
+  if (r == 0) std::filesystem::remove_all(s.dir);
+}
+
+TEST(GridOpd, ACheckpointResumesOnEveryLayout) { check_resume_on_every_layout(0); }
+
+// In the deterministic-reduction mode a resume that changes TP is bitwise too.
+TEST(GridOpd, ACheckpointResumesBitwiseOnEveryLayoutInTheDeterministicMode) { check_resume_on_every_layout(4); }
 
 }  // namespace

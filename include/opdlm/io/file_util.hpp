@@ -26,6 +26,9 @@ void atomic_write_bytes(const std::string& path, std::string_view bytes);
 // On failure the temporary directory is removed and `dir` is untouched.
 void atomic_write_dir(const std::string& dir, const std::function<void(const std::string& tmp_dir)>& write);
 
+// The whole file as bytes; an Error naming the file when it cannot be read.
+std::string read_file_bytes(const std::string& path);
+
 // fsync of a file's data / of a directory entry (after creating or renaming inside it).
 void fsync_file(const std::string& path);
 void fsync_dir(const std::string& dir);

@@ -31,4 +31,9 @@ uint32_t sha256_mod(std::string_view key, uint32_t m);
 // `crc` continues a running checksum: crc32c(b, nb, crc32c(a, na)) == crc32c(a ++ b).
 uint32_t crc32c(const void* data, size_t n, uint32_t crc = 0);
 
+// XXH3-64 (libxxhash, seed 0) of a buffer / of a whole file (streamed), as 16 lower-case hex digits:
+// the checkpoint checksums (fast enough that verifying costs about one read).
+std::string xxh3_hex(const void* data, size_t n);
+std::string xxh3_file_hex(const std::string& path);
+
 }  // namespace opdlm::io

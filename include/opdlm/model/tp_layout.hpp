@@ -57,6 +57,16 @@ Qwen3Config shard_config(const Qwen3Config& c, const parallel::TpPlan& plan);
 // TP rank `rank`'s shard of full weights (Megatron layout; RMSNorm gains copied). Refuses plans that
 // replicate KV heads (tp > num_key_value_heads): not supported by the TP model yet.
 Qwen3Weights shard_weights(const Qwen3Weights& full, const parallel::TpPlan& plan, int rank);
+// Where TP rank `rank`'s shard of tensor `name` sits in the whole tensor (checkpoints store shards as
+// blocks in global coordinates): cut_dim -1 for a replicated tensor (every rank holds it whole),
+// 0 for a block of rows (for the vocabulary: the rank's real rows), 1 for a block of columns; the
+// block is the first `extent` rows / columns of the shard, starting at `offset` in the whole tensor.
+struct ShardBlock {
+  int cut_dim = -1;
+  int64_t offset = 0, extent = 0;
+};
+ShardBlock shard_block(const std::string& name, const Qwen3Config& full_config, const parallel::TpPlan& plan, int rank);
+
 // The inverse: the full weights from every rank's shard (shards[r] of rank r), pad rows dropped;
 // norms taken from rank 0. Used to save a TP model and by the tests.
 Qwen3Weights unshard_weights(const std::vector<const Qwen3Weights*>& shards, const Qwen3Config& full_config,

@@ -57,9 +57,14 @@ class ShardedAdamW {
   int64_t state_bytes() const;                               // m + v held by this rank
   const std::vector<ParamUnit>& units() const { return units_; }
   size_t first_unit(int rank) const { return first_[size_t(rank)]; }
-  // The shard's moments, in unit order (for checkpoints).
+  // The shard's moments, in unit order.
   const std::vector<float>& m() const { return m_; }
   const std::vector<float>& v() const { return v_; }
+  // Checkpoints: every parameter tensor's whole moments (m[i], v[i] have params[i]'s element count),
+  // all-gathered over DP (collective); and the inverse, keeping this rank's shard of whole moments
+  // (every DP rank passes the same), so a resume may change the DP size.
+  void gather_moments(std::vector<std::vector<float>>& m, std::vector<std::vector<float>>& v);
+  void set_moments(const std::vector<std::vector<float>>& m, const std::vector<std::vector<float>>& v);
 
  private:
   std::vector<Tensor*> params_;

@@ -80,6 +80,10 @@ struct OpdTrainOptions {
   uint32_t seed = 1234;
   int64_t log_every = 1;
   int64_t save_every = 0;
+  std::string resume;            // run.resume: "", "auto" or a checkpoint directory
+  // [checkpoint]: crash-safe checkpoints of the whole state under out_dir/checkpoints (docs/checkpoint.md)
+  int64_t checkpoint_every = 0;  // RL steps between checkpoints, and one at the end (0: off)
+  int64_t checkpoint_keep = 3;
   // Token milestones (ascending): the first update that brings train_tokens to >= M writes
   // RUN/checkpoints/tokens_<M>.h5, for tokens-to-threshold curves from one run.
   std::vector<int64_t> save_at_tokens;
