@@ -9,6 +9,7 @@
 #include "opdlm/base/config.hpp"
 #include "opdlm/base/error.hpp"
 #include "opdlm/base/log.hpp"
+#include "opdlm/base/stop.hpp"
 #include "opdlm/io/model_file.hpp"
 #include "opdlm/parallel/communicator.hpp"
 #include "opdlm/parallel/process_grid.hpp"
@@ -85,8 +86,10 @@ int run_train(const std::vector<std::string>& args) {
     opdlm::init_logging(lo);
     opdlm::parallel::ProcessGrid grid(world, preflight_layout(opts, world->size()));
     const opdlm::train::TrainGrid tg{&grid.dp(), world->rank() == 0, &grid.tp()};
+    opdlm::install_stop_handlers();
     auto s = opdlm::train::run_opd_training(opts, cfg.table(), tg);
-    if (world->rank() != 0) return opdlm::cli::kExitOk;  // one summary line per job
+    const int code = s.stopped.empty() ? opdlm::cli::kExitOk : opdlm::kExitRequeue;
+    if (world->rank() != 0) return code;  // one summary line per job
     const auto& b = s.budget;
     nlohmann::json j = {{"mode", mode}, {"params", s.params}, {"rl_steps", s.rl_steps},
                         {"optimizer_steps", s.optimizer_steps}, {"train_tokens", b.train_tokens()},
@@ -94,8 +97,9 @@ int run_train(const std::vector<std::string>& args) {
                         {"rows", b.rows}, {"wall_s", s.wall_s}, {"final_loss", s.final_loss},
                         {"probe_own_kl_first", s.probe_own_kl_first}, {"probe_own_kl_last", s.probe_own_kl_last},
                         {"probe_random_kl_last", s.probe_random_kl_last}, {"model", s.model_path}};
+    if (!s.stopped.empty()) j["stopped"] = s.stopped;
     std::cout << j.dump() << "\n";
-    return opdlm::cli::kExitOk;
+    return code;
   }
   if (launched_ranks() > 1)
     OPDLM_FAIL_AT("environment", "OMPI_COMM_WORLD_SIZE", "--mode ar (teacher pretraining) runs on one process; ",

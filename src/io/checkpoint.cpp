@@ -271,8 +271,10 @@ void publish_checkpoint(const std::string& tmp_dir, const std::string& root, int
   // Older checkpoints beyond `keep`, and temporary directories of saves that died.
   const auto committed = committed_checkpoints(root);
   for (size_t i = size_t(std::max(keep, 1)); i < committed.size(); ++i) fs::remove_all(committed[i], ec);
-  for (const auto& e : fs::directory_iterator(root))
-    if (e.is_directory() && e.path().filename().string().rfind(".tmp_", 0) == 0) fs::remove_all(e.path(), ec);
+  for (const auto& e : fs::directory_iterator(root)) {
+    const std::string n = e.path().filename().string();
+    if ((e.is_directory() && n.rfind(".tmp_", 0) == 0) || n.rfind("LATEST.tmp.", 0) == 0) fs::remove_all(e.path(), ec);
+  }
   fsync_dir(root);
 }
 

@@ -20,10 +20,14 @@ void grid_barrier(const CkptGrid& g) {
   g.dp.barrier();
 }
 
+void grid_sum(const CkptGrid& g, std::span<int64_t> v) {
+  g.tp.all_reduce(v);
+  g.dp.all_reduce(v);
+}
+
 int64_t grid_sum(const CkptGrid& g, int64_t v) {
   int64_t x[1] = {v};
-  g.tp.all_reduce(std::span<int64_t>(x));
-  g.dp.all_reduce(std::span<int64_t>(x));
+  grid_sum(g, std::span<int64_t>(x));
   return x[0];
 }
 

@@ -3,6 +3,8 @@
 #include "opdlm/train/opd_trainer.hpp"
 
 #include <chrono>
+#include <cstdlib>
+#include <ctime>
 #include <cmath>
 #include <filesystem>
 #include <fstream>
@@ -12,6 +14,7 @@
 
 #include "opdlm/base/error.hpp"
 #include "opdlm/base/log.hpp"
+#include "opdlm/base/stop.hpp"
 #include "opdlm/diffusion/rollout_buffer.hpp"
 #include "opdlm/diffusion/rollout_exchange.hpp"
 #include "opdlm/io/jsonl_dataset.hpp"
@@ -120,6 +123,10 @@ po::options_description OpdTrainOptions::schema() {
       ("run.resume", po::value<std::string>()->default_value(""),
        "resume from a checkpoint: '' (start fresh), 'auto' (the newest valid one under run.out_dir/checkpoints; "
        "fresh when there is none) or a checkpoint directory (docs/checkpoint.md)")
+      ("run.time_limit", po::value<double>()->default_value(0),
+       "seconds from the start after which the run stops with a checkpoint and exit code 75 (0: off)")
+      ("run.slurm_end_time", po::value<bool>()->default_value(true),
+       "also stop before SLURM_JOB_END_TIME when the job sets it")
       ("checkpoint.every", po::value<int64_t>()->default_value(0),
        "RL steps between crash-safe checkpoints of the whole training state, and one at the end (0: off)")
       ("checkpoint.keep", po::value<int64_t>()->default_value(3), "committed checkpoints kept (the newest)")
@@ -219,6 +226,10 @@ OpdTrainOptions OpdTrainOptions::from_config(const ResolvedConfig& c, Conversion
   o.log_every = positive("run.log_every", c.get<int64_t>("run.log_every"), 1);
   o.save_every = positive("run.save_every", c.get<int64_t>("run.save_every"), 0);
   o.resume = c.get<std::string>("run.resume");
+  o.time_limit_s = c.get<double>("run.time_limit");
+  if (!(o.time_limit_s >= 0))
+    OPDLM_FAIL_AT(where("run.time_limit"), "run.time_limit", "must be >= 0 seconds, got ", o.time_limit_s);
+  o.slurm_end_time = c.get<bool>("run.slurm_end_time");
   o.checkpoint_every = positive("checkpoint.every", c.get<int64_t>("checkpoint.every"), 0);
   o.checkpoint_keep = positive("checkpoint.keep", c.get<int64_t>("checkpoint.keep"), 1);
   {
@@ -404,7 +415,12 @@ OpdTrainSummary run_opd_training(const OpdTrainOptions& o, const std::string& re
   if (!resume_dir.empty()) resumed = read_run_state(resume_dir);
   // The teacher is not copied into checkpoints: its path and content hash are, and must still match.
   std::string teacher_sha;
-  if (writer && (o.checkpoint_every > 0 || resumed) && !o.teacher.empty()) teacher_sha = io::sha256_file(o.teacher);
+  // Hashed once, when first needed (a resume's check, or the first checkpoint), by the writer only.
+  auto teacher_hash = [&]() -> const std::string& {
+    if (teacher_sha.empty() && writer && !o.teacher.empty()) teacher_sha = io::sha256_file(o.teacher);
+    return teacher_sha;
+  };
+  if (resumed) teacher_hash();
   if (resumed) {
     const nlohmann::json& m = resumed->meta;
     const std::string saved_sha = m.value("teacher", nlohmann::json::object()).value("sha256", "");
@@ -427,6 +443,13 @@ OpdTrainSummary run_opd_training(const OpdTrainOptions& o, const std::string& re
         OPDLM_FAIL_AT(metrics_path, "metrics_offset", "the metrics log has ", size, " bytes, the checkpoint ", resume_dir,
                       " was taken at byte ", offset, " (a log of another run?)");
       fs::resize_file(metrics_path, offset);
+    } else if (o.resume == "auto" && fs::exists(metrics_path)) {
+      // A restart that found no committed checkpoint redoes the run from the start: the log of the
+      // attempt that died is kept aside, not mixed into this one.
+      const std::string aside = metrics_path + ".before_restart";
+      fs::rename(metrics_path, aside);
+      OPDLM_LOG(warning) << "resume=auto found no checkpoint under " << ckpt_root << ": starting fresh; the earlier "
+                         << "metrics log is kept as " << aside;
     }
     metrics_log.emplace(metrics_path);
   }
@@ -631,8 +654,16 @@ OpdTrainSummary run_opd_training(const OpdTrainOptions& o, const std::string& re
   } else {
     run_probe(0);
   }
+  // The time budget: run.time_limit from now, and SLURM_JOB_END_TIME (epoch seconds) when set.
+  double deadline = o.time_limit_s > 0 ? elapsed() + o.time_limit_s : 0;
+  if (const char* end = std::getenv("SLURM_JOB_END_TIME"); end && o.slurm_end_time) {
+    const double left = std::atof(end) - double(std::time(nullptr));
+    if (deadline == 0 || elapsed() + left < deadline) deadline = elapsed() + left;
+  }
+  double max_step_s = 0, max_checkpoint_s = 0;
   // The whole training state at the end of RL step `rl_step` (every rank calls it).
   auto checkpoint = [&](int64_t rl_step) {
+    const double t_save = elapsed();
     RunState st;
     st.rollouts = rollouts;
     std::error_code ec;
@@ -648,7 +679,7 @@ OpdTrainSummary run_opd_training(const OpdTrainOptions& o, const std::string& re
                                 {"prompts_per_step", o.prompts_per_step}}},
                {"lr_next", o.schedule.at(sum.optimizer_steps)},
                {"metrics_offset", writer && fs::exists(metrics_path, ec) ? int64_t(fs::file_size(metrics_path)) : int64_t{0}},
-               {"teacher", {{"path", o.teacher}, {"sha256", teacher_sha}}},
+               {"teacher", {{"path", o.teacher}, {"sha256", teacher_hash()}}},
                {"student_init", o.student_init},
                {"layout", {{"tp", tp ? tp->size() : 1}, {"dp", dp.size()}, {"deterministic_shards", o.deterministic_shards}}},
                {"config", resolved_table},
@@ -656,6 +687,7 @@ OpdTrainSummary run_opd_training(const OpdTrainOptions& o, const std::string& re
                {"model_config", cfg.to_json()}};
     save_run_checkpoint(ckpt_root, rl_step, int(o.checkpoint_keep), cgrid, student, plan, optimizer, st);
     last_checkpoint = rl_step;
+    max_checkpoint_s = std::max(max_checkpoint_s, elapsed() - t_save);
     metrics.write({{"event", "checkpoint"}, {"rl_step", rl_step}, {"path", ckpt_root + "/" + io::checkpoint_dir_name(rl_step)}});
   };
   std::vector<uint64_t> perm;
@@ -664,6 +696,7 @@ OpdTrainSummary run_opd_training(const OpdTrainOptions& o, const std::string& re
   bool budget_reached = o.max_train_tokens > 0 && bc.train_tokens() >= o.max_train_tokens;
   for (int64_t step = start_step; step < o.rl_steps && !budget_reached; ++step) {
     set_error_step(step);
+    const double t_step = elapsed();
     const uint32_t ustep = static_cast<uint32_t>(step);
     const int64_t max_new = max_rollout_length(step, o.ramp_start_tokens, sampler.max_new_tokens, o.ramp_steps,
                                                sampler.block_size);
@@ -893,6 +926,25 @@ OpdTrainSummary run_opd_training(const OpdTrainOptions& o, const std::string& re
     if (o.save_every > 0 && (step + 1) % o.save_every == 0 && step + 1 < o.rl_steps && !budget_reached) save(step + 1);
     if (o.checkpoint_every > 0 && (step + 1) % o.checkpoint_every == 0 && step + 1 < o.rl_steps && !budget_reached)
       checkpoint(step + 1);
+    // ---- a stop signal on any rank, or too little time for another step and a save: all ranks stop ----
+    max_step_s = std::max(max_step_s, elapsed() - t_step);
+    if (step + 1 < o.rl_steps && !budget_reached) {
+      const double margin = 1.5 * max_step_s + 1.5 * max_checkpoint_s + 5.0;
+      int64_t flags[2] = {stop_signal() != 0 ? 1 : 0, deadline > 0 && deadline - elapsed() < margin ? 1 : 0};
+      grid_sum(cgrid, std::span<int64_t>(flags));  // 16 bytes per RL step, against thousands of calls
+      if (flags[0] > 0 || flags[1] > 0) {
+        sum.stopped = flags[0] > 0 ? "signal" : "time limit";
+        if (last_checkpoint != step + 1) checkpoint(step + 1);
+        metrics.write({{"event", "stop"}, {"rl_step", step + 1}, {"reason", sum.stopped},
+                       {"signal", stop_signal()}, {"ranks_signalled", flags[0]}, {"elapsed_s", elapsed()},
+                       {"margin_s", margin}, {"checkpoint", ckpt_root + "/" + io::checkpoint_dir_name(step + 1)}});
+        OPDLM_LOG(warning) << "stopping after RL step " << step + 1 << " (" << sum.stopped << "): checkpoint "
+                           << ckpt_root << "/" << io::checkpoint_dir_name(step + 1) << " committed; exit "
+                           << kExitRequeue << " to be requeued (resume with --run.resume=auto)";
+        sum.wall_s = elapsed();
+        return sum;
+      }
+    }
   }
   set_error_step(-1);
   if (o.checkpoint_every > 0 && last_checkpoint != sum.rl_steps) checkpoint(sum.rl_steps);

@@ -1,6 +1,9 @@
 // Tests for base/: Philox known answers, keyed draws (uniformity, no modulo bias, independence of
 // keys), Error context formatting, and the MPI/HDF5 check macros.
 #include <gtest/gtest.h>
+#include <unistd.h>
+#include <sys/wait.h>
+#include <csignal>
 #include <hdf5.h>
 #include <mpi.h>
 
@@ -10,6 +13,7 @@
 
 #include "opdlm/base/check.hpp"
 #include "opdlm/base/error.hpp"
+#include "opdlm/base/stop.hpp"
 #include "opdlm/base/log.hpp"
 #include "opdlm/base/rng.hpp"
 
@@ -238,3 +242,32 @@ TEST(CheckMacros, NcclFailureNamesTheCall) {
   }
 }
 #endif
+
+// The stop handlers (base/stop.hpp): SIGTERM, SIGUSR1 and a first SIGINT only set the flag (the
+// first signal is kept); a second SIGINT ends the process at once with 130 (checked in a child).
+TEST(StopSignals, TheFirstSignalIsKeptAndASecondSigintExitsAtOnce) {
+  opdlm::install_stop_handlers();
+  opdlm::reset_stop_signal();
+  EXPECT_EQ(opdlm::stop_signal(), 0);
+  std::raise(SIGUSR1);
+  EXPECT_EQ(opdlm::stop_signal(), SIGUSR1);
+  std::raise(SIGTERM);
+  EXPECT_EQ(opdlm::stop_signal(), SIGUSR1);  // the first one is what the log reports
+  std::raise(SIGINT);                         // a first ^C: still running
+  EXPECT_EQ(opdlm::stop_signal(), SIGUSR1);
+  opdlm::reset_stop_signal();
+  const pid_t child = fork();
+  ASSERT_GE(child, 0);
+  if (child == 0) {
+    std::raise(SIGINT);
+    std::raise(SIGINT);
+    _exit(0);  // not reached
+  }
+  int status = 0;
+  ASSERT_EQ(waitpid(child, &status, 0), child);
+  ASSERT_TRUE(WIFEXITED(status));
+  EXPECT_EQ(WEXITSTATUS(status), 130);
+  opdlm::reset_stop_signal();
+  signal(SIGINT, SIG_DFL), signal(SIGTERM, SIG_DFL), signal(SIGUSR1, SIG_DFL);
+}
+

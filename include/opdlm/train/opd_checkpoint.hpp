@@ -27,6 +27,7 @@ struct CkptGrid {
 // Collectives over the whole grid from its two groups (every TP group has one member in each DP group).
 void grid_barrier(const CkptGrid& g);
 int64_t grid_sum(const CkptGrid& g, int64_t v);
+void grid_sum(const CkptGrid& g, std::span<int64_t> v);
 // World rank 0's string on every rank.
 std::string grid_broadcast(const CkptGrid& g, const std::string& s);
 

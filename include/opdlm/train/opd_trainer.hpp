@@ -81,6 +81,10 @@ struct OpdTrainOptions {
   int64_t log_every = 1;
   int64_t save_every = 0;
   std::string resume;            // run.resume: "", "auto" or a checkpoint directory
+  // Stop with a checkpoint and the requeue code before this many seconds from the start (0: off), or
+  // before SLURM_JOB_END_TIME when run.slurm_end_time is set and the variable is (docs/fault_tolerance.md).
+  double time_limit_s = 0;
+  bool slurm_end_time = true;
   // [checkpoint]: crash-safe checkpoints of the whole state under out_dir/checkpoints (docs/checkpoint.md)
   int64_t checkpoint_every = 0;  // RL steps between checkpoints, and one at the end (0: off)
   int64_t checkpoint_keep = 3;
@@ -109,6 +113,8 @@ struct OpdTrainSummary {
   double wall_s = 0, final_loss = 0;
   double probe_own_kl_first = -1, probe_own_kl_last = -1, probe_random_kl_last = -1;
   std::string model_path;
+  // Non-empty when the run stopped early with a checkpoint to be requeued: "signal <n>" or "time limit".
+  std::string stopped;
 };
 
 // Where one rank of a conversion run sits in the process grid: data parallel over `dp`, tensor
