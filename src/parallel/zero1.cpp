@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <limits>
 
 #include "opdlm/base/error.hpp"
 #include "opdlm/ops/grad_norm.hpp"
@@ -123,8 +124,13 @@ double ShardedAdamW::exact_norm(const std::vector<float>& shard) const {
   size_t off = 0;
   for (size_t u = first_[size_t(dp_->rank())]; u < first_[size_t(dp_->rank()) + 1]; ++u) {
     const ParamUnit& x = units_[u];
-    if (!(skip_replicated && !replicated_.empty() && replicated_[size_t(x.tensor)]))
-      acc.add(std::span<const float>(shard.data() + off, size_t(x.size())));
+    const std::span<const float> part(shard.data() + off, size_t(x.size()));
+    if (!(skip_replicated && !replicated_.empty() && replicated_[size_t(x.tensor)])) {
+      acc.add(part);
+    } else {  // counted once (TP rank 0), but a NaN or inf in this rank's copy must still reach every rank
+      for (float g : part)
+        if (!std::isfinite(g)) acc.add(g);
+    }
     off += size_t(x.size());
   }
   auto lanes = acc.lanes();
@@ -164,9 +170,10 @@ double ShardedAdamW::chunked_norm(const std::vector<float>& shard) const {
       tensor_sum += all[size_t(r) * max_units + (u - first_[size_t(r)])];
     }
   close_tensor();
-  if (tp_) {  // every TP rank's shard, then the replicated tensors once
-    tp_->all_reduce_tree(std::span<double>(&total, 1));
-    total += replicated_total;
+  if (tp_) {  // every TP rank's shard, then the replicated tensors once (a non-finite copy on any rank counts)
+    double both[2] = {total, std::isfinite(replicated_total) ? 0.0 : 1.0};
+    tp_->all_reduce_tree(std::span<double>(both));
+    total = both[1] > 0 ? std::numeric_limits<double>::quiet_NaN() : both[0] + replicated_total;
   }
   return std::sqrt(total);
 }

@@ -3,6 +3,7 @@
 #include "opdlm/train/opd_trainer.hpp"
 
 #include <chrono>
+#include <cstdio>
 #include <cstdlib>
 #include <ctime>
 #include <cmath>
@@ -127,6 +128,9 @@ po::options_description OpdTrainOptions::schema() {
        "seconds from the start after which the run stops with a checkpoint and exit code 75 (0: off)")
       ("run.slurm_end_time", po::value<bool>()->default_value(true),
        "also stop before SLURM_JOB_END_TIME when the job sets it")
+      ("numerics.on_nonfinite", po::value<std::string>()->default_value("abort"),
+       "a NaN/inf loss or gradient: abort (an error naming the RL step; the rank and tensor are logged) or skip "
+       "(the update is dropped and logged, training goes on)")
       ("checkpoint.every", po::value<int64_t>()->default_value(0),
        "RL steps between crash-safe checkpoints of the whole training state, and one at the end (0: off)")
       ("checkpoint.keep", po::value<int64_t>()->default_value(3), "committed checkpoints kept (the newest)")
@@ -226,6 +230,10 @@ OpdTrainOptions OpdTrainOptions::from_config(const ResolvedConfig& c, Conversion
   o.log_every = positive("run.log_every", c.get<int64_t>("run.log_every"), 1);
   o.save_every = positive("run.save_every", c.get<int64_t>("run.save_every"), 0);
   o.resume = c.get<std::string>("run.resume");
+  o.on_nonfinite = c.get<std::string>("numerics.on_nonfinite");
+  if (o.on_nonfinite != "abort" && o.on_nonfinite != "skip")
+    OPDLM_FAIL_AT(where("numerics.on_nonfinite"), "numerics.on_nonfinite", "'", o.on_nonfinite,
+                  "' is not abort or skip");
   o.time_limit_s = c.get<double>("run.time_limit");
   if (!(o.time_limit_s >= 0))
     OPDLM_FAIL_AT(where("run.time_limit"), "run.time_limit", "must be >= 0 seconds, got ", o.time_limit_s);
@@ -341,6 +349,28 @@ std::vector<diffusion::Rollout> shared_bd_generate(const model::Qwen3Model& stud
 }  // namespace
 
 namespace {
+// Test hook: OPDLM_INJECT_NAN="<world rank>:<rl step>" puts a NaN into this rank's gradient of the
+// first layer's q_proj (a TP-sharded tensor) at the first update of that RL step.
+bool nan_injection_due(int world_rank, int64_t rl_step) {
+  const char* env = std::getenv("OPDLM_INJECT_NAN");
+  if (!env || !*env) return false;
+  int r = -1;
+  long long st = -1;
+  if (std::sscanf(env, "%d:%lld", &r, &st) != 2)
+    OPDLM_FAIL_AT("environment", "OPDLM_INJECT_NAN", "'", env, "' is not <world rank>:<rl step>");
+  return r == world_rank && st == rl_step;
+}
+
+// The first non-finite gradient element of this rank, as "tensor[element] = value", or "".
+std::string first_nonfinite(const model::Qwen3Weights& grads) {
+  for (const auto& [name, t] : grads.tensors()) {
+    const float* p = t.data<float>();
+    for (int64_t i = 0; i < t.numel(); ++i)
+      if (!std::isfinite(p[i])) return name + "[" + std::to_string(i) + "] = " + std::to_string(p[i]);
+  }
+  return "";
+}
+
 nlohmann::json budget_to_json(const BudgetCounters& b) {
   return {{"rollouts", b.rollouts},
           {"skipped_prompts", b.skipped_prompts},
@@ -852,6 +882,13 @@ OpdTrainSummary run_opd_training(const OpdTrainOptions& o, const std::string& re
         slot[size_t(4 * k + 3)] = l.student_backward_flops;
       }
       tree.finish_into(student.flat_grads());
+      if (u0 == 0 && nan_injection_due(cgrid.world_rank, step + 1))
+        student.grads().get("model.layers.0.self_attn.q_proj.weight").data<float>()[0] = std::nanf("");
+      // This rank's part of the gradient is where a NaN or inf can be named (rank, tensor, step); the
+      // global norm below carries it to every rank, which then apply numerics.on_nonfinite together.
+      if (const std::string bad = first_nonfinite(student.grads()); !bad.empty())
+        OPDLM_LOG(error) << "non-finite gradient on rank " << cgrid.world_rank << " (TP " << tp_grid.rank() << ", DP "
+                         << dp.rank() << ") at RL step " << step + 1 << ", update " << step_updates + 1 << ": " << bad;
       dp.all_reduce(std::span<double>(slot));
       // Counters of every row of the update, in row order (the same sums on every rank).
       double update_loss = 0;
@@ -875,14 +912,31 @@ OpdTrainSummary run_opd_training(const OpdTrainOptions& o, const std::string& re
           bc.train_response_tokens += r.row.L1();
         }
       }
-      if (!std::isfinite(update_loss))
-        OPDLM_FAIL("non-finite loss ", update_loss, " at RL step ", step, " (lower optim.lr or raise optim.warmup_steps)");
+      // A non-finite loss (the same sum on every rank) or gradient norm (non-finite on every rank when
+      // any rank's gradient is): numerics.on_nonfinite decides, the same way on every rank.
+      auto nonfinite = [&](const char* what, double value) {
+        if (o.on_nonfinite == "abort")
+          OPDLM_FAIL_AT(layout_where, "numerics.on_nonfinite", "non-finite ", what, " ", value, " at RL step ", step + 1,
+                        " (the log names the rank and tensor; lower optim.lr, raise optim.warmup_steps, or set "
+                        "numerics.on_nonfinite = skip)");
+        ++sum.skipped_updates;
+        metrics.write({{"event", "nonfinite"}, {"rl_step", step + 1}, {"update", step_updates + 1}, {"what", what},
+                       {"policy", "skip"}, {"skipped_updates", sum.skipped_updates}});
+        OPDLM_LOG(warning) << "non-finite " << what << " at RL step " << step + 1 << ": update skipped ("
+                           << sum.skipped_updates << " so far)";
+      };
+      if (!std::isfinite(update_loss)) {
+        nonfinite("loss", update_loss);
+        continue;
+      }
       ops::AdamWConfig adam = o.adam;
       adam.lr = o.schedule.at(sum.optimizer_steps);
       // Sums the ranks' parts over DP, clips to the global norm, updates each shard, all-gathers.
       const double norm = optimizer.step(grads, sum.optimizer_steps + 1, adam, o.grad_clip);
-      if (!std::isfinite(norm))
-        OPDLM_FAIL("non-finite gradient norm ", norm, " at RL step ", step, " (lower optim.lr or raise optim.warmup_steps)");
+      if (!std::isfinite(norm)) {  // nothing was updated (ShardedAdamW returns before touching the shard)
+        nonfinite("gradient norm", norm);
+        continue;
+      }
       ++sum.optimizer_steps;
       ++step_updates;
       step_loss += update_loss;

@@ -46,6 +46,9 @@ class ShardedAdamW {
   // every layout. Off: the chunked f64 order above.
   void set_exact_norm(bool on) { exact_norm_ = on; }
 
+  // A NaN or inf anywhere in the summed gradient, on any rank (replicated tensors included), makes the
+  // returned norm non-finite on every rank: the ranks agree on skipping or aborting without an extra
+  // collective.
   // One optimizer step. `grads` (same shapes as params) hold this rank's part of the gradient; the
   // step sums the parts over the DP group (tree order of ranks), clips to `clip` (<= 0: no
   // clipping), updates this rank's shard and all-gathers every parameter. Returns the pre-clip

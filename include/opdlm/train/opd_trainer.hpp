@@ -84,6 +84,7 @@ struct OpdTrainOptions {
   // Stop with a checkpoint and the requeue code before this many seconds from the start (0: off), or
   // before SLURM_JOB_END_TIME when run.slurm_end_time is set and the variable is (docs/fault_tolerance.md).
   double time_limit_s = 0;
+  std::string on_nonfinite = "abort";  // numerics.on_nonfinite: abort | skip
   bool slurm_end_time = true;
   // [checkpoint]: crash-safe checkpoints of the whole state under out_dir/checkpoints (docs/checkpoint.md)
   int64_t checkpoint_every = 0;  // RL steps between checkpoints, and one at the end (0: off)
@@ -115,6 +116,7 @@ struct OpdTrainSummary {
   std::string model_path;
   // Non-empty when the run stopped early with a checkpoint to be requeued: "signal <n>" or "time limit".
   std::string stopped;
+  int64_t skipped_updates = 0;  // updates dropped for a non-finite loss or gradient (numerics.on_nonfinite = skip)
 };
 
 // Where one rank of a conversion run sits in the process grid: data parallel over `dp`, tensor
