@@ -81,18 +81,9 @@ diffusion::FlatRollouts flat_from_arrays(const io::IntArrays& a, const std::stri
   return f;
 }
 
-// Rank `tp_rank`'s block of a local tensor (its real rows for the vocabulary), in global coordinates.
-io::TensorBlock block_of(const std::string& group, const std::string& name, const Tensor& local,
-                         const model::Qwen3Config& full, const std::optional<parallel::TpPlan>& plan, int tp_rank) {
-  io::TensorBlock b;
-  b.name = group + "/" + name;
-  const model::ShardBlock sb = plan ? model::shard_block(name, full, *plan, tp_rank) : model::ShardBlock{};
-  b.cut_dim = sb.cut_dim;
-  b.offset = sb.offset;
-  b.data = sb.cut_dim == 0 ? local.slice(0, sb.extent).clone() : local.clone();
-  for (const auto& [n, shape] : model::Qwen3Weights::expected_shapes(full))
-    if (n == name) b.global_shape = shape;
-  return b;
+// A local tensor as the block `sb` of the whole tensor (its real rows for the vocabulary).
+io::TensorBlock block_of(const std::string& name, const Tensor& local, const model::ShardBlock& sb, const Shape& global) {
+  return {name, global, sb.cut_dim, sb.offset, sb.cut_dim == 0 ? local.slice(0, sb.extent).clone() : local.clone()};
 }
 
 }  // namespace
@@ -126,13 +117,16 @@ void save_run_checkpoint(const std::string& root, int64_t rl_step, int keep, con
       const model::Qwen3Config& full = student.full_config();
       std::vector<io::TensorBlock> blocks;
       const auto& tensors = student.weights().tensors();
+      const auto whole_shapes = model::Qwen3Weights::expected_shapes(full);  // the same names, in tensor order
       for (size_t i = 0; i < tensors.size(); ++i) {
         const auto& [name, value] = tensors[i];
+        OPDLM_CHECK(whole_shapes[i].first == name, "save_run_checkpoint: tensor ", i, " is ", name);
         const model::ShardBlock sb = plan ? model::shard_block(name, full, *plan, tp_rank) : model::ShardBlock{};
         if (sb.cut_dim < 0 && tp_rank != 0) continue;  // a replicated tensor: TP rank 0 writes it
-        blocks.push_back(block_of(kGroups[0], name, value, full, plan, tp_rank));
-        blocks.push_back(block_of(kGroups[1], name, Tensor::from_vector(m[i], value.shape()), full, plan, tp_rank));
-        blocks.push_back(block_of(kGroups[2], name, Tensor::from_vector(v[i], value.shape()), full, plan, tp_rank));
+        const Shape& global = whole_shapes[i].second;
+        blocks.push_back(block_of(std::string(kGroups[0]) + "/" + name, value, sb, global));
+        blocks.push_back(block_of(std::string(kGroups[1]) + "/" + name, Tensor::from_vector(m[i], value.shape()), sb, global));
+        blocks.push_back(block_of(std::string(kGroups[2]) + "/" + name, Tensor::from_vector(v[i], value.shape()), sb, global));
       }
       const nlohmann::json meta = {{"tp_rank", tp_rank}, {"tp", g.tp.size()}, {"rl_step", rl_step}};
       io::write_checkpoint_file(tmp + "/" + shard_file(tp_rank), meta, blocks, {}, fault(blocks.size()));

@@ -884,11 +884,6 @@ OpdTrainSummary run_opd_training(const OpdTrainOptions& o, const std::string& re
       tree.finish_into(student.flat_grads());
       if (u0 == 0 && nan_injection_due(cgrid.world_rank, step + 1))
         student.grads().get("model.layers.0.self_attn.q_proj.weight").data<float>()[0] = std::nanf("");
-      // This rank's part of the gradient is where a NaN or inf can be named (rank, tensor, step); the
-      // global norm below carries it to every rank, which then apply numerics.on_nonfinite together.
-      if (const std::string bad = first_nonfinite(student.grads()); !bad.empty())
-        OPDLM_LOG(error) << "non-finite gradient on rank " << cgrid.world_rank << " (TP " << tp_grid.rank() << ", DP "
-                         << dp.rank() << ") at RL step " << step + 1 << ", update " << step_updates + 1 << ": " << bad;
       dp.all_reduce(std::span<double>(slot));
       // Counters of every row of the update, in row order (the same sums on every rank).
       double update_loss = 0;
@@ -915,6 +910,11 @@ OpdTrainSummary run_opd_training(const OpdTrainOptions& o, const std::string& re
       // A non-finite loss (the same sum on every rank) or gradient norm (non-finite on every rank when
       // any rank's gradient is): numerics.on_nonfinite decides, the same way on every rank.
       auto nonfinite = [&](const char* what, double value) {
+        // Only here, off the hot path: this rank's part of the gradient (left as it was by the
+        // optimizer) is where a NaN or inf can be named with its rank, tensor and step.
+        if (const std::string bad = first_nonfinite(student.grads()); !bad.empty())
+          OPDLM_LOG(error) << "non-finite gradient on rank " << cgrid.world_rank << " (TP " << tp_grid.rank() << ", DP "
+                           << dp.rank() << ") at RL step " << step + 1 << ", update " << step_updates + 1 << ": " << bad;
         if (o.on_nonfinite == "abort")
           OPDLM_FAIL_AT(layout_where, "numerics.on_nonfinite", "non-finite ", what, " ", value, " at RL step ", step + 1,
                         " (the log names the rank and tensor; lower optim.lr, raise optim.warmup_steps, or set "
@@ -957,15 +957,8 @@ OpdTrainSummary run_opd_training(const OpdTrainOptions& o, const std::string& re
                           {"masked_fraction", slots_total ? double(masked_total) / double(slots_total) : 0.0},
                           {"elapsed_s", secs},
                           {"train_tokens_per_s", static_cast<double>(bc.train_tokens()) / secs},
-                          {"budget", {{"rollouts", bc.rollouts}, {"skipped_prompts", bc.skipped_prompts},
-                                      {"generated_tokens", bc.generated_tokens},
-                                      {"train_prompt_tokens", bc.train_prompt_tokens},
-                                      {"train_response_tokens", bc.train_response_tokens},
-                                      {"train_tokens", bc.train_tokens()}, {"rows", bc.rows},
-                                      {"loss_positions", bc.loss_positions}, {"rollout_flops", bc.rollout_flops},
-                                      {"teacher_flops", bc.teacher_flops},
-                                      {"student_forward_flops", bc.student_forward_flops},
-                                      {"student_backward_flops", bc.student_backward_flops}}}};
+                          {"budget", budget_to_json(bc)}};
+      j["budget"]["train_tokens"] = bc.train_tokens();
       if (use_rollouts) {
         j["mean_response_len"] = static_cast<double>(step_generated) / n_samples;
         j["eos_rate"] = static_cast<double>(eos_count) / n_samples;
