@@ -11,7 +11,7 @@
 #  - a flipped byte in a committed checkpoint: `opdlm ckpt verify` exits 1 naming the dataset, an
 #    explicit --run.resume of it is refused without touching the run's files, and `auto` falls back
 #    to the previous checkpoint saying why; a truncated file is named with its size; a changed
-#    teacher is refused. A tiny teacher (2 layers, hidden 32) is trained here; ~40 s.
+#    teacher is refused; bad checkpoint/stop keys are refused naming the key. A tiny teacher (2 layers, hidden 32) is trained here; ~40 s.
 set -euo pipefail
 source "$(dirname "$(readlink -f "$0")")/lib/cli_test.sh" ckpt_resume "$@"
 
@@ -130,5 +130,14 @@ if "$OPDLM" "${OPD[@]/--model.teacher=teacher\/model.h5/--model.teacher=teacher2
   fail "a resume with another teacher was accepted"
 fi
 grep -q "model.teacher" teacher.err && grep -q "sha256" teacher.err || fail "teacher refusal: $(cat teacher.err)"
+# Bad checkpoint and stop keys: exit 1 naming the key, no run folder created.
+PLAIN=()  # OPD without its checkpoint keys, so each bad value is the only one given
+for a in "${OPD[@]}"; do [[ $a == --checkpoint.* ]] || PLAIN+=("$a"); done
+for bad in checkpoint.keep=0 checkpoint.every=-2 run.time_limit=-1 run.resume=/nonexistent; do
+  if "$OPDLM" "${PLAIN[@]}" --$bad --run.out_dir=badkey >/dev/null 2>badkey.err; then fail "--$bad was accepted"; fi
+  grep -q "field ${bad%%=*}" badkey.err || fail "--$bad: the error does not name the key: $(cat badkey.err)"
+  grep -q "more than once" badkey.err && fail "--$bad: refused as a duplicate, not for its value"
+  [[ ! -e badkey ]] || fail "--$bad: created the run folder"
+done
 echo "ckpt_resume: 6 crash phases resumed bit for bit; DP 2, DP 4 bitwise; TP 2 -> DP 2 within 1e-6;" \
   "flip, truncation and teacher change caught"
