@@ -81,6 +81,7 @@ int run_ckpt(const std::vector<std::string>& args) {
       {"lr_next", s.value("lr_next", 0.0)},
       {"data_cursor", s.value("data_cursor", nlohmann::json::object())},
       {"rng", s.value("rng", nlohmann::json::object())},
+      {"numerics", s.value("numerics", nlohmann::json::object())},  // spike windows, batches skipped by roll-backs
       {"teacher", s.value("teacher", nlohmann::json::object())},
       {"rollouts", s.value("rollouts", nlohmann::json::object())},
       {"metrics_offset", s.value("metrics_offset", int64_t{0})},

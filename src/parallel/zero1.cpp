@@ -72,7 +72,7 @@ void ShardedAdamW::set_tensor_parallel(Communicator* tp, std::vector<bool> repli
 int64_t ShardedAdamW::state_bytes() const { return 2 * shard_elems_ * int64_t(sizeof(float)); }
 
 double ShardedAdamW::step(const std::vector<const Tensor*>& grads, int64_t step, const ops::AdamWConfig& cfg,
-                          double clip) {
+                          double clip, const std::function<bool(double)>& accept) {
   OPDLM_CHECK(grads.size() == params_.size(), "ShardedAdamW::step: ", grads.size(), " grads for ", params_.size(),
               " parameters");
   for (size_t i = 0; i < grads.size(); ++i)
@@ -98,6 +98,7 @@ double ShardedAdamW::step(const std::vector<const Tensor*>& grads, int64_t step,
 
   const double norm = exact_norm_ ? exact_norm(shard) : chunked_norm(shard);
   if (!std::isfinite(norm)) return norm;
+  if (accept && !accept(norm)) return norm;
 
   // ---- clip and update the shard ----
   const double c = clip > 0 ? ops::clip_coefficient(norm, clip) : 1.0;

@@ -12,6 +12,7 @@
 #include <nlohmann/json.hpp>
 #include <numbers>
 #include <optional>
+#include <set>
 
 #include "opdlm/base/error.hpp"
 #include "opdlm/base/log.hpp"
@@ -129,8 +130,19 @@ po::options_description OpdTrainOptions::schema() {
       ("run.slurm_end_time", po::value<bool>()->default_value(true),
        "also stop before SLURM_JOB_END_TIME when the job sets it")
       ("numerics.on_nonfinite", po::value<std::string>()->default_value("abort"),
-       "a NaN/inf loss or gradient: abort (an error naming the RL step; the rank and tensor are logged) or skip "
-       "(the update is dropped and logged, training goes on)")
+       "a NaN/inf loss or gradient: abort (an error naming the RL step; the rank and tensor are logged), skip "
+       "(the update is dropped and logged, training goes on) or rollback (reload the last checkpoint, skip this "
+       "RL step's batch)")
+      ("numerics.on_spike", po::value<std::string>()->default_value("warn"),
+       "an update's loss or gradient norm far above its running window: warn (log it, apply the update), skip, "
+       "rollback or abort")
+      ("numerics.spike_window", po::value<int64_t>()->default_value(50),
+       "updates in the running window of losses and gradient norms (0: no spike detection)")
+      ("numerics.spike_sigma", po::value<double>()->default_value(6.0),
+       "a spike is above the window's mean + spike_sigma * std ...")
+      ("numerics.spike_min_ratio", po::value<double>()->default_value(2.0), "... and above spike_min_ratio * mean")
+      ("numerics.max_rollbacks", po::value<int64_t>()->default_value(3),
+       "roll-backs (batches skipped) a run may make before it aborts")
       ("checkpoint.every", po::value<int64_t>()->default_value(0),
        "RL steps between crash-safe checkpoints of the whole training state, and one at the end (0: off)")
       ("checkpoint.keep", po::value<int64_t>()->default_value(3), "committed checkpoints kept (the newest)")
@@ -147,6 +159,7 @@ OpdTrainOptions OpdTrainOptions::from_config(const ResolvedConfig& c, Conversion
     return v;
   };
   o.mode = mode;
+  o.origins = c.origin;
   o.teacher = c.get<std::string>("model.teacher");
   o.student_init = c.get<std::string>("model.student_init");
   o.tokenizer = c.get<std::string>("model.tokenizer");
@@ -231,9 +244,21 @@ OpdTrainOptions OpdTrainOptions::from_config(const ResolvedConfig& c, Conversion
   o.save_every = positive("run.save_every", c.get<int64_t>("run.save_every"), 0);
   o.resume = c.get<std::string>("run.resume");
   o.on_nonfinite = c.get<std::string>("numerics.on_nonfinite");
-  if (o.on_nonfinite != "abort" && o.on_nonfinite != "skip")
+  if (o.on_nonfinite != "abort" && o.on_nonfinite != "skip" && o.on_nonfinite != "rollback")
     OPDLM_FAIL_AT(where("numerics.on_nonfinite"), "numerics.on_nonfinite", "'", o.on_nonfinite,
-                  "' is not abort or skip");
+                  "' is not abort, skip or rollback");
+  o.on_spike = c.get<std::string>("numerics.on_spike");
+  if (o.on_spike != "warn" && o.on_spike != "skip" && o.on_spike != "rollback" && o.on_spike != "abort")
+    OPDLM_FAIL_AT(where("numerics.on_spike"), "numerics.on_spike", "'", o.on_spike,
+                  "' is not warn, skip, rollback or abort");
+  o.spike.window = positive("numerics.spike_window", c.get<int64_t>("numerics.spike_window"), 0);
+  o.spike.sigma = c.get<double>("numerics.spike_sigma");
+  o.spike.min_ratio = c.get<double>("numerics.spike_min_ratio");
+  if (!(o.spike.sigma > 0))
+    OPDLM_FAIL_AT(where("numerics.spike_sigma"), "numerics.spike_sigma", "must be > 0, got ", o.spike.sigma);
+  if (!(o.spike.min_ratio >= 1))
+    OPDLM_FAIL_AT(where("numerics.spike_min_ratio"), "numerics.spike_min_ratio", "must be >= 1, got ", o.spike.min_ratio);
+  o.max_rollbacks = positive("numerics.max_rollbacks", c.get<int64_t>("numerics.max_rollbacks"), 0);
   o.time_limit_s = c.get<double>("run.time_limit");
   if (!(o.time_limit_s >= 0))
     OPDLM_FAIL_AT(where("run.time_limit"), "run.time_limit", "must be >= 0 seconds, got ", o.time_limit_s);
@@ -349,15 +374,16 @@ std::vector<diffusion::Rollout> shared_bd_generate(const model::Qwen3Model& stud
 }  // namespace
 
 namespace {
-// Test hook: OPDLM_INJECT_NAN="<world rank>:<rl step>" puts a NaN into this rank's gradient of the
-// first layer's q_proj (a TP-sharded tensor) at the first update of that RL step.
-bool nan_injection_due(int world_rank, int64_t rl_step) {
-  const char* env = std::getenv("OPDLM_INJECT_NAN");
+// Test hooks, "<world rank>:<rl step>", acting at the first update of that RL step on that rank:
+// OPDLM_INJECT_NAN puts a NaN into the gradient of the first layer's q_proj (a TP-sharded tensor);
+// OPDLM_INJECT_SPIKE multiplies the rank's whole gradient by 1e4 (a gradient-norm spike).
+bool injection_due(const char* var, int world_rank, int64_t rl_step) {
+  const char* env = std::getenv(var);
   if (!env || !*env) return false;
   int r = -1;
   long long st = -1;
   if (std::sscanf(env, "%d:%lld", &r, &st) != 2)
-    OPDLM_FAIL_AT("environment", "OPDLM_INJECT_NAN", "'", env, "' is not <world rank>:<rl step>");
+    OPDLM_FAIL_AT("environment", var, "'", env, "' is not <world rank>:<rl step>");
   return r == world_rank && st == rl_step;
 }
 
@@ -659,10 +685,14 @@ OpdTrainSummary run_opd_training(const OpdTrainOptions& o, const std::string& re
 
   diffusion::RolloutBuffer rollouts;
   int64_t start_step = 0, last_checkpoint = -1;
-  if (resumed) {
-    // Parameters and moments resharded for this layout; counters, cursor and rollouts as saved.
-    load_run_tensors(resume_dir, student, plan, tp ? tp->rank() : 0, optimizer);
-    const nlohmann::json& m = resumed->meta;
+  // ---- numerics: the spike windows and the batches roll-backs skip (both saved in checkpoints) ----
+  SpikeDetector loss_spikes(o.spike), norm_spikes(o.spike);
+  std::set<int64_t> skip_batches;  // RL steps (1-based) whose prompts are not trained on
+  // The state a checkpoint holds, on every rank: parameters and moments resharded for this layout;
+  // counters, cursor, rollouts, spike windows and skipped batches as saved.
+  auto restore = [&](const std::string& dir, const RunState& st) {
+    load_run_tensors(dir, student, plan, tp ? tp->rank() : 0, optimizer);
+    const nlohmann::json& m = st.meta;
     start_step = last_checkpoint = m.at("rl_step");
     sum.rl_steps = start_step;
     sum.optimizer_steps = m.at("optimizer_steps");
@@ -672,8 +702,19 @@ OpdTrainSummary run_opd_training(const OpdTrainOptions& o, const std::string& re
     sum.probe_own_kl_first = sm.at("probe_own_kl_first");
     sum.probe_own_kl_last = sm.at("probe_own_kl_last");
     sum.probe_random_kl_last = sm.at("probe_random_kl_last");
-    rollouts = resumed->rollouts;
+    rollouts = st.rollouts;
+    next_milestone = 0;
     while (next_milestone < o.save_at_tokens.size() && o.save_at_tokens[next_milestone] <= bc.train_tokens()) ++next_milestone;
+    const nlohmann::json num = m.value("numerics", nlohmann::json::object());
+    loss_spikes = SpikeDetector(o.spike);
+    norm_spikes = SpikeDetector(o.spike);
+    loss_spikes.from_json(num.value("loss_window", nlohmann::json::array()), dir + "/state.h5 numerics.loss_window");
+    norm_spikes.from_json(num.value("grad_norm_window", nlohmann::json::array()), dir + "/state.h5 numerics.grad_norm_window");
+    for (int64_t b : num.value("skip_batches", std::vector<int64_t>{})) skip_batches.insert(b);
+  };
+  if (resumed) {
+    restore(resume_dir, *resumed);
+    const nlohmann::json& m = resumed->meta;
     const nlohmann::json saved_layout = m.value("layout", nlohmann::json::object());
     // The log was cut where the checkpoint was taken, before the line that announced its commit.
     metrics.write({{"event", "checkpoint"}, {"rl_step", start_step}, {"path", ckpt_root + "/" + io::checkpoint_dir_name(start_step)}});
@@ -712,6 +753,8 @@ OpdTrainSummary run_opd_training(const OpdTrainOptions& o, const std::string& re
                {"teacher", {{"path", o.teacher}, {"sha256", teacher_hash()}}},
                {"student_init", o.student_init},
                {"layout", {{"tp", tp ? tp->size() : 1}, {"dp", dp.size()}, {"deterministic_shards", o.deterministic_shards}}},
+               {"numerics", {{"skip_batches", skip_batches}, {"loss_window", loss_spikes.to_json()},
+                             {"grad_norm_window", norm_spikes.to_json()}}},
                {"config", resolved_table},
                {"config_sha256", io::sha256_hex(resolved_table)},
                {"model_config", cfg.to_json()}};
@@ -725,7 +768,7 @@ OpdTrainSummary run_opd_training(const OpdTrainOptions& o, const std::string& re
   // A run resumed from the checkpoint it took when its token budget ran out has nothing left to train.
   bool budget_reached = o.max_train_tokens > 0 && bc.train_tokens() >= o.max_train_tokens;
   for (int64_t step = start_step; step < o.rl_steps && !budget_reached; ++step) {
-    set_error_step(step);
+    set_error_step(step + 1);  // errors name the 1-based RL step, as the log does
     const double t_step = elapsed();
     const uint32_t ustep = static_cast<uint32_t>(step);
     const int64_t max_new = max_rollout_length(step, o.ramp_start_tokens, sampler.max_new_tokens, o.ramp_steps,
@@ -733,7 +776,10 @@ OpdTrainSummary run_opd_training(const OpdTrainOptions& o, const std::string& re
     // ---- the step's prompts: a fixed shuffled stream, one epoch after another ----
     std::vector<const EncodedPrompt*> batch;
     std::vector<uint32_t> sample_ids;
-    for (int64_t i = 0; i < o.prompts_per_step; ++i) {
+    // A batch a roll-back skips: its prompts are used up, nothing is decoded or trained on.
+    const bool skip_batch = skip_batches.count(step + 1) > 0;
+    if (skip_batch) metrics.write({{"event", "skip_batch"}, {"rl_step", step + 1}, {"prompts", o.prompts_per_step}});
+    for (int64_t i = 0; i < o.prompts_per_step && !skip_batch; ++i) {
       const uint64_t g = static_cast<uint64_t>(step * o.prompts_per_step + i);
       const uint64_t epoch = g / prompts.size();
       if (epoch != perm_epoch) perm = io::shuffle_permutation(prompts.size(), o.seed, static_cast<uint32_t>(epoch)), perm_epoch = epoch;
@@ -856,6 +902,7 @@ OpdTrainSummary run_opd_training(const OpdTrainOptions& o, const std::string& re
 
     // ---- updates: rows_per_update rows per optimizer step, mean of row token-means ----
     double step_loss = 0, last_norm = 0;
+    std::optional<nlohmann::json> rollback_cause;  // set when a policy asks to roll back: ends the step's updates
     int64_t step_rows = 0, step_updates = 0;
     std::vector<uint8_t> trained(samples.size(), 0);
     for (size_t u0 = 0; u0 < rows.size() && !budget_reached; u0 += size_t(o.rows_per_update)) {
@@ -882,8 +929,10 @@ OpdTrainSummary run_opd_training(const OpdTrainOptions& o, const std::string& re
         slot[size_t(4 * k + 3)] = l.student_backward_flops;
       }
       tree.finish_into(student.flat_grads());
-      if (u0 == 0 && nan_injection_due(cgrid.world_rank, step + 1))
+      if (u0 == 0 && injection_due("OPDLM_INJECT_NAN", cgrid.world_rank, step + 1))
         student.grads().get("model.layers.0.self_attn.q_proj.weight").data<float>()[0] = std::nanf("");
+      if (u0 == 0 && injection_due("OPDLM_INJECT_SPIKE", cgrid.world_rank, step + 1))
+        for (float& g : student.flat_grads()) g *= 1e4f;
       dp.all_reduce(std::span<double>(slot));
       // Counters of every row of the update, in row order (the same sums on every rank).
       double update_loss = 0;
@@ -908,35 +957,85 @@ OpdTrainSummary run_opd_training(const OpdTrainOptions& o, const std::string& re
         }
       }
       // A non-finite loss (the same sum on every rank) or gradient norm (non-finite on every rank when
-      // any rank's gradient is): numerics.on_nonfinite decides, the same way on every rank.
-      auto nonfinite = [&](const char* what, double value) {
+      // any rank's gradient is): numerics.on_nonfinite decides, the same way on every rank. Returns
+      // whether the step must end for a roll-back.
+      auto nonfinite = [&](const char* what, double value) -> bool {
         // Only here, off the hot path: this rank's part of the gradient (left as it was by the
         // optimizer) is where a NaN or inf can be named with its rank, tensor and step.
         if (const std::string bad = first_nonfinite(student.grads()); !bad.empty())
           OPDLM_LOG(error) << "non-finite gradient on rank " << cgrid.world_rank << " (TP " << tp_grid.rank() << ", DP "
                            << dp.rank() << ") at RL step " << step + 1 << ", update " << step_updates + 1 << ": " << bad;
         if (o.on_nonfinite == "abort")
-          OPDLM_FAIL_AT(layout_where, "numerics.on_nonfinite", "non-finite ", what, " ", value, " at RL step ", step + 1,
+          OPDLM_FAIL_AT(o.origin_of("numerics.on_nonfinite"), "numerics.on_nonfinite", "non-finite ", what, " ", value, " at RL step ", step + 1,
                         " (the log names the rank and tensor; lower optim.lr, raise optim.warmup_steps, or set "
-                        "numerics.on_nonfinite = skip)");
+                        "numerics.on_nonfinite = skip or rollback)");
+        nlohmann::json ev = {{"event", "nonfinite"}, {"rl_step", step + 1}, {"update", step_updates + 1},
+                             {"what", what}, {"value", std::to_string(value)}, {"policy", o.on_nonfinite}};
+        if (o.on_nonfinite == "rollback" && last_checkpoint >= 0) {
+          rollback_cause = ev;
+          return true;
+        }
+        if (o.on_nonfinite == "rollback") ev["policy"] = "skip (no checkpoint to roll back to yet)";
         ++sum.skipped_updates;
-        metrics.write({{"event", "nonfinite"}, {"rl_step", step + 1}, {"update", step_updates + 1}, {"what", what},
-                       {"policy", "skip"}, {"skipped_updates", sum.skipped_updates}});
+        ev["skipped_updates"] = sum.skipped_updates;
+        metrics.write(ev);
         OPDLM_LOG(warning) << "non-finite " << what << " at RL step " << step + 1 << ": update skipped ("
                            << sum.skipped_updates << " so far)";
+        return false;
+      };
+      // A loss or gradient norm far above its window: numerics.on_spike decides (the same values, so the
+      // same decision, on every rank). Returns whether the update goes ahead.
+      auto spike = [&](const char* metric, const Spike& sp) -> bool {
+        nlohmann::json ev = {{"event", "spike"}, {"rl_step", step + 1}, {"update", step_updates + 1}, {"metric", metric},
+                             {"value", sp.value}, {"window_mean", sp.mean}, {"window_std", sp.stddev},
+                             {"threshold", sp.threshold}, {"policy", o.on_spike}};
+        OPDLM_LOG(warning) << metric << " spike at RL step " << step + 1 << ", update " << step_updates + 1 << ": "
+                           << sp.value << " > " << sp.threshold << " (window mean " << sp.mean << ", std " << sp.stddev
+                           << "); numerics.on_spike = " << o.on_spike;
+        if (o.on_spike == "abort")
+          OPDLM_FAIL_AT(o.origin_of("numerics.on_spike"), "numerics.on_spike", metric, " spike ", sp.value, " at RL step ", step + 1,
+                        " (threshold ", sp.threshold, ", window mean ", sp.mean, ")");
+        if (o.on_spike == "warn") {
+          metrics.write(ev);
+          return true;
+        }
+        if (o.on_spike == "rollback" && last_checkpoint >= 0) {
+          rollback_cause = ev;
+          return false;
+        }
+        if (o.on_spike == "rollback") ev["policy"] = "skip (no checkpoint to roll back to yet)";
+        ++sum.skipped_updates;
+        ev["skipped_updates"] = sum.skipped_updates;
+        metrics.write(ev);
+        return false;
       };
       if (!std::isfinite(update_loss)) {
-        nonfinite("loss", update_loss);
+        if (nonfinite("loss", update_loss)) break;
+        continue;
+      }
+      if (auto sp = loss_spikes.check(update_loss); sp && !spike("loss", *sp)) {
+        if (rollback_cause) break;
         continue;
       }
       ops::AdamWConfig adam = o.adam;
       adam.lr = o.schedule.at(sum.optimizer_steps);
-      // Sums the ranks' parts over DP, clips to the global norm, updates each shard, all-gathers.
-      const double norm = optimizer.step(grads, sum.optimizer_steps + 1, adam, o.grad_clip);
+      // Sums the ranks' parts over DP, clips to the global norm, updates each shard, all-gathers; a
+      // norm spike vetoes the update before anything changes.
+      bool vetoed = false;
+      const double norm = optimizer.step(grads, sum.optimizer_steps + 1, adam, o.grad_clip, [&](double g) {
+        if (auto sp = norm_spikes.check(g); sp && !spike("grad_norm", *sp)) vetoed = true;
+        return !vetoed;
+      });
       if (!std::isfinite(norm)) {  // nothing was updated (ShardedAdamW returns before touching the shard)
-        nonfinite("gradient norm", norm);
+        if (nonfinite("gradient norm", norm)) break;
         continue;
       }
+      if (vetoed) {
+        if (rollback_cause) break;
+        continue;
+      }
+      loss_spikes.push(update_loss);
+      norm_spikes.push(norm);
       ++sum.optimizer_steps;
       ++step_updates;
       step_loss += update_loss;
@@ -944,6 +1043,32 @@ OpdTrainSummary run_opd_training(const OpdTrainOptions& o, const std::string& re
       last_norm = norm;
       save_milestones(step + 1);
       if (o.max_train_tokens > 0 && bc.train_tokens() >= o.max_train_tokens) budget_reached = true;
+    }
+    // ---- a roll-back: the last committed checkpoint, then the steps after it again, this batch skipped ----
+    if (rollback_cause) {
+      if (static_cast<int64_t>(skip_batches.size()) >= o.max_rollbacks)
+        OPDLM_FAIL_AT(o.origin_of("numerics.max_rollbacks"), "numerics.max_rollbacks", "RL step ", step + 1, " asks for roll-back number ",
+                      skip_batches.size() + 1, " (", rollback_cause->dump(), "); the run has already skipped the batches of ",
+                      nlohmann::json(skip_batches).dump(), ": lower optim.lr or inspect the data");
+      std::vector<std::string> skipped;
+      const std::string dir = choose_resume_checkpoint("auto", ckpt_root, cgrid, &skipped);
+      for (const auto& why : skipped) OPDLM_LOG(warning) << "roll-back: skipped " << why;
+      if (dir.empty()) OPDLM_FAIL_AT(ckpt_root, "LATEST", "a roll-back found no committed checkpoint that verifies");
+      const RunState st = read_run_state(dir);
+      std::set<int64_t> skips = skip_batches;
+      skips.insert(step + 1);
+      restore(dir, st);
+      skip_batches.insert(skips.begin(), skips.end());
+      ++sum.rollbacks;
+      if (metrics_log) metrics_log->truncate(st.meta.at("metrics_offset").get<uintmax_t>());
+      metrics.write({{"event", "checkpoint"}, {"rl_step", start_step}, {"path", dir}});
+      metrics.write({{"event", "rollback"}, {"rl_step", step + 1}, {"to", dir}, {"to_rl_step", start_step},
+                     {"cause", *rollback_cause}, {"skip_batches", skip_batches}});
+      OPDLM_LOG(warning) << "rolled back from RL step " << step + 1 << " to the checkpoint " << dir << " (RL step "
+                         << start_step << "); the batch of RL step " << step + 1 << " will be skipped. Cause: "
+                         << rollback_cause->dump();
+      step = start_step - 1;  // the loop's ++ makes it start_step
+      continue;
     }
     sum.rl_steps = step + 1;
     sum.final_loss = step_updates ? step_loss / static_cast<double>(step_updates) : 0;
@@ -959,6 +1084,7 @@ OpdTrainSummary run_opd_training(const OpdTrainOptions& o, const std::string& re
                           {"train_tokens_per_s", static_cast<double>(bc.train_tokens()) / secs},
                           {"budget", budget_to_json(bc)}};
       j["budget"]["train_tokens"] = bc.train_tokens();
+      if (skip_batch) j["skipped_batch"] = true;
       if (use_rollouts) {
         j["mean_response_len"] = static_cast<double>(step_generated) / n_samples;
         j["eos_rate"] = static_cast<double>(eos_count) / n_samples;

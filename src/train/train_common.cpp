@@ -1,6 +1,7 @@
 // The [optim] keys, the metrics log and the AdamW update shared by the training loops.
 #include "opdlm/train/train_common.hpp"
 
+#include <filesystem>
 #include <nlohmann/json.hpp>
 
 #include "opdlm/base/error.hpp"
@@ -43,8 +44,15 @@ OptimOptions read_optim_options(const ResolvedConfig& c) {
   return o;
 }
 
-MetricsLog::MetricsLog(const std::string& path) : out_(path, std::ios::app) {
+MetricsLog::MetricsLog(const std::string& path) : path_(path), out_(path, std::ios::app) {
   if (!out_) OPDLM_FAIL_AT(path, "", "cannot open the metrics log for appending");
+}
+
+void MetricsLog::truncate(uintmax_t bytes) {
+  out_.close();
+  std::filesystem::resize_file(path_, bytes);
+  out_.open(path_, std::ios::app);
+  if (!out_) OPDLM_FAIL_AT(path_, "", "cannot reopen the metrics log for appending");
 }
 
 void MetricsLog::write(const nlohmann::json& j) {

@@ -7,6 +7,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <vector>
 
 #include "opdlm/ops/adamw.hpp"
@@ -52,8 +53,11 @@ class ShardedAdamW {
   // One optimizer step. `grads` (same shapes as params) hold this rank's part of the gradient; the
   // step sums the parts over the DP group (tree order of ranks), clips to `clip` (<= 0: no
   // clipping), updates this rank's shard and all-gathers every parameter. Returns the pre-clip
-  // global norm (a non-finite norm is returned without touching anything).
-  double step(const std::vector<const Tensor*>& grads, int64_t step, const ops::AdamWConfig& cfg, double clip);
+  // global norm (a non-finite norm is returned without touching anything). `accept`, when given, sees
+  // the finite norm before anything changes and may veto the update (a spike policy): the same norm on
+  // every rank, so the ranks agree without an extra collective.
+  double step(const std::vector<const Tensor*>& grads, int64_t step, const ops::AdamWConfig& cfg, double clip,
+              const std::function<bool(double)>& accept = nullptr);
 
   int64_t shard_elements() const { return shard_elems_; }    // this rank's parameters in the shard
   int64_t padded_shard() const { return padded_; }           // the largest shard: the collective chunk

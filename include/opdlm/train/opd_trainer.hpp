@@ -6,6 +6,7 @@
 
 #include <boost/program_options/options_description.hpp>
 #include <cstdint>
+#include <map>
 #include <string>
 #include <vector>
 
@@ -16,6 +17,7 @@
 #include "opdlm/parallel/communicator.hpp"
 #include "opdlm/train/lr_schedule.hpp"
 #include "opdlm/train/opd_rows.hpp"
+#include "opdlm/train/spike_detector.hpp"
 
 namespace opdlm::train {
 
@@ -84,7 +86,10 @@ struct OpdTrainOptions {
   // Stop with a checkpoint and the requeue code before this many seconds from the start (0: off), or
   // before SLURM_JOB_END_TIME when run.slurm_end_time is set and the variable is (docs/fault_tolerance.md).
   double time_limit_s = 0;
-  std::string on_nonfinite = "abort";  // numerics.on_nonfinite: abort | skip
+  std::string on_nonfinite = "abort";  // numerics.on_nonfinite: abort | skip | rollback
+  std::string on_spike = "warn";       // numerics.on_spike: warn | skip | rollback | abort
+  SpikeRule spike{50, 6.0, 2.0};       // numerics.spike_window / spike_sigma / spike_min_ratio
+  int64_t max_rollbacks = 3;
   bool slurm_end_time = true;
   // [checkpoint]: crash-safe checkpoints of the whole state under out_dir/checkpoints (docs/checkpoint.md)
   int64_t checkpoint_every = 0;  // RL steps between checkpoints, and one at the end (0: off)
@@ -92,6 +97,13 @@ struct OpdTrainOptions {
   // Token milestones (ascending): the first update that brings train_tokens to >= M writes
   // RUN/checkpoints/tokens_<M>.h5, for tokens-to-threshold curves from one run.
   std::vector<int64_t> save_at_tokens;
+
+  // Where each key was set ("default", a config file, "command line"): named by errors during the run.
+  std::map<std::string, std::string> origins;
+  std::string origin_of(const std::string& key) const {
+    auto it = origins.find(key);
+    return it == origins.end() ? std::string("config") : it->second;
+  }
 
   static boost::program_options::options_description schema();
   static OpdTrainOptions from_config(const ResolvedConfig& cfg, ConversionMode mode);
@@ -116,7 +128,8 @@ struct OpdTrainSummary {
   std::string model_path;
   // Non-empty when the run stopped early with a checkpoint to be requeued: "signal <n>" or "time limit".
   std::string stopped;
-  int64_t skipped_updates = 0;  // updates dropped for a non-finite loss or gradient (numerics.on_nonfinite = skip)
+  int64_t skipped_updates = 0;  // updates dropped for a non-finite value or a spike (policy skip)
+  int64_t rollbacks = 0;        // roll-backs to the last checkpoint made by this process
 };
 
 // Where one rank of a conversion run sits in the process grid: data parallel over `dp`, tensor

@@ -34,8 +34,11 @@ class MetricsLog {
  public:
   explicit MetricsLog(const std::string& path);
   void write(const nlohmann::json& j);
+  // Cuts the log back to `bytes` (a checkpoint's metrics offset) and goes on appending from there.
+  void truncate(uintmax_t bytes);
 
  private:
+  std::string path_;
   std::ofstream out_;
 };
 
