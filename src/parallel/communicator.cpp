@@ -38,7 +38,8 @@ size_t elem_size(ElemType t) {
 
 // ---- flight recorder --------------------------------------------------------------------------------
 
-FlightRecorder::FlightRecorder(size_t capacity) : ring_(std::max<size_t>(capacity, 1)), t0_(std::chrono::steady_clock::now()) {}
+FlightRecorder::FlightRecorder(size_t capacity)
+    : ring_(std::max<size_t>(capacity, 1)), t0_(std::chrono::steady_clock::now()), wall_t0_(std::chrono::system_clock::now()) {}
 
 double FlightRecorder::now() const {
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0_).count();
@@ -53,8 +54,16 @@ uint64_t FlightRecorder::start(const std::string& comm, uint64_t seq, Collective
 
 void FlightRecorder::finish(uint64_t token) {
   std::lock_guard<std::mutex> lock(mu_);
+  const double t = now();
   if (next_ - token > ring_.size()) return;  // overwritten by newer calls already
-  ring_[token % ring_.size()].end_s = now();
+  CollectiveRecord& r = ring_[token % ring_.size()];
+  r.end_s = t;
+  comm_s_ += t - r.start_s;
+}
+
+double FlightRecorder::comm_seconds() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return comm_s_;
 }
 
 std::vector<CollectiveRecord> FlightRecorder::snapshot() const {
@@ -64,6 +73,14 @@ std::vector<CollectiveRecord> FlightRecorder::snapshot() const {
   out.reserve(n);
   for (uint64_t t = next_ - n; t < next_; ++t) out.push_back(ring_[t % ring_.size()]);
   return out;
+}
+
+std::optional<CollectiveRecord> FlightRecorder::oldest_in_flight() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  const uint64_t n = std::min<uint64_t>(next_, ring_.size());
+  for (uint64_t t = next_ - n; t < next_; ++t)
+    if (ring_[t % ring_.size()].end_s < 0) return ring_[t % ring_.size()];
+  return std::nullopt;
 }
 
 uint64_t FlightRecorder::total() const {

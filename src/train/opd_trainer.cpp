@@ -11,7 +11,11 @@
 #include <fstream>
 #include <nlohmann/json.hpp>
 #include <numbers>
+#include <iomanip>
 #include <optional>
+#include <sstream>
+#include <unistd.h>
+#include <thread>
 #include <set>
 
 #include "opdlm/base/error.hpp"
@@ -25,7 +29,9 @@
 #include "opdlm/io/tokenizer.hpp"
 #include "opdlm/model/ar_generate.hpp"
 #include "opdlm/model/tp_layout.hpp"
+#include "opdlm/parallel/process_grid.hpp"
 #include "opdlm/parallel/tree_sum.hpp"
+#include "opdlm/parallel/watchdog.hpp"
 #include "opdlm/parallel/zero1.hpp"
 #include "opdlm/io/checkpoint.hpp"
 #include "opdlm/io/file_util.hpp"
@@ -143,9 +149,22 @@ po::options_description OpdTrainOptions::schema() {
       ("numerics.spike_min_ratio", po::value<double>()->default_value(2.0), "... and above spike_min_ratio * mean")
       ("numerics.max_rollbacks", po::value<int64_t>()->default_value(3),
        "roll-backs (batches skipped) a run may make before it aborts")
+      ("watchdog.enable", po::value<bool>()->default_value(true),
+       "with more than one rank: a thread that ends the job (exit 88) when a collective stays pending too long, "
+       "leaving per-rank flight records under run.out_dir/flight (opdlm flight)")
+      ("watchdog.floor", po::value<double>()->default_value(300.0), "seconds a collective may always stay pending")
+      ("watchdog.factor", po::value<double>()->default_value(10.0),
+       "... or this many times the longest RL step or checkpoint save so far, when that is longer")
+      ("watchdog.grace", po::value<double>()->default_value(5.0),
+       "seconds between writing this rank's record and exiting (the other ranks write theirs)")
       ("checkpoint.every", po::value<int64_t>()->default_value(0),
        "RL steps between crash-safe checkpoints of the whole training state, and one at the end (0: off)")
       ("checkpoint.keep", po::value<int64_t>()->default_value(3), "committed checkpoints kept (the newest)")
+      ("run.sample_rollouts", po::value<int64_t>()->default_value(2),
+       "rollouts saved to run.out_dir/rollouts.jsonl (text, step map) per sampled RL step (0: none)")
+      ("run.sample_rollouts_every", po::value<int64_t>()->default_value(10), "RL steps between sampled rollouts (and step 1)")
+      ("run.peak_flops", po::value<double>()->default_value(0.0),
+       "peak FLOP/s of one rank, for the MFU on step lines (0: no MFU)")
       ("run.save_at_tokens", po::value<std::string>()->default_value(""), "comma-separated training-token milestones to save checkpoints/tokens_<M>.h5 at");
   add_optim_options(d, 1e-4, 5, 0, 0.0, "cosine horizon in optimizer steps (0: rl_steps * ceil(prompts_per_step / rows_per_update))");
   return d;
@@ -259,6 +278,16 @@ OpdTrainOptions OpdTrainOptions::from_config(const ResolvedConfig& c, Conversion
   if (!(o.spike.min_ratio >= 1))
     OPDLM_FAIL_AT(where("numerics.spike_min_ratio"), "numerics.spike_min_ratio", "must be >= 1, got ", o.spike.min_ratio);
   o.max_rollbacks = positive("numerics.max_rollbacks", c.get<int64_t>("numerics.max_rollbacks"), 0);
+  o.sample_rollouts = positive("run.sample_rollouts", c.get<int64_t>("run.sample_rollouts"), 0);
+  o.sample_rollouts_every = positive("run.sample_rollouts_every", c.get<int64_t>("run.sample_rollouts_every"), 1);
+  o.peak_flops = c.get<double>("run.peak_flops");
+  if (!(o.peak_flops >= 0)) OPDLM_FAIL_AT(where("run.peak_flops"), "run.peak_flops", "must be >= 0, got ", o.peak_flops);
+  o.watchdog = c.get<bool>("watchdog.enable");
+  o.watchdog_floor_s = c.get<double>("watchdog.floor");
+  o.watchdog_factor = c.get<double>("watchdog.factor");
+  o.watchdog_grace_s = c.get<double>("watchdog.grace");
+  for (const char* key : {"watchdog.floor", "watchdog.factor", "watchdog.grace"})
+    if (!(c.get<double>(key) > 0)) OPDLM_FAIL_AT(where(key), key, "must be > 0, got ", c.get<double>(key));
   o.time_limit_s = c.get<double>("run.time_limit");
   if (!(o.time_limit_s >= 0))
     OPDLM_FAIL_AT(where("run.time_limit"), "run.time_limit", "must be >= 0 seconds, got ", o.time_limit_s);
@@ -302,6 +331,20 @@ OpdTrainOptions OpdTrainOptions::from_config(const ResolvedConfig& c, Conversion
 
 namespace {
 
+// "1h02m", "3m05s", "42s": the progress line's ETA.
+std::string format_duration(double s) {
+  const int64_t t = std::llround(std::max(s, 0.0));
+  char buf[32];
+  if (t >= 3600) std::snprintf(buf, sizeof buf, "%lldh%02lldm", (long long)(t / 3600), (long long)(t % 3600 / 60));
+  else if (t >= 60) std::snprintf(buf, sizeof buf, "%lldm%02llds", (long long)(t / 60), (long long)(t % 60));
+  else std::snprintf(buf, sizeof buf, "%llds", (long long)t);
+  return buf;
+}
+
+std::string slurm_job_id() {
+  const char* v = std::getenv("SLURM_JOB_ID");
+  return v ? v : "";
+}
 
 struct EncodedPrompt {
   std::string id;
@@ -397,6 +440,60 @@ std::string first_nonfinite(const model::Qwen3Weights& grads) {
   return "";
 }
 
+// The attempt number of a start in a run directory: one more than any attempt its logs mention (0
+// for the first start). Lines without "attempt" (older logs) count as attempt 0.
+int64_t next_attempt(const std::string& out_dir) {
+  int64_t a = -1;
+  for (const char* f : {"/metrics.jsonl", "/metrics.lost.jsonl"}) {
+    std::ifstream in(out_dir + f);
+    std::string line;
+    while (std::getline(in, line)) {
+      const auto j = nlohmann::json::parse(line, nullptr, false);
+      if (!j.is_discarded() && j.is_object()) a = std::max<int64_t>(a, j.value("attempt", int64_t{0}));
+    }
+  }
+  return a + 1;
+}
+
+// Appends the lines of `metrics` from byte `offset` on (work after the checkpoint a restart or a
+// roll-back goes back to) to metrics.lost.jsonl, each tagged with the attempt that wrote it and why it
+// was lost; the caller then cuts the log. A torn last line (a crash mid-write) is dropped.
+void keep_lost_lines(const std::string& metrics, uintmax_t offset, const std::string& lost_by) {
+  std::ifstream in(metrics, std::ios::binary);
+  in.seekg(static_cast<std::streamoff>(offset));
+  std::string line, out;
+  while (std::getline(in, line)) {
+    auto j = nlohmann::json::parse(line, nullptr, false);
+    if (j.is_discarded() || !j.is_object()) continue;
+    j["lost_in_attempt"] = j.value("attempt", int64_t{0});
+    j["lost_by"] = lost_by;
+    out += j.dump() + "\n";
+  }
+  if (out.empty()) return;
+  const std::string lost = std::filesystem::path(metrics).parent_path().string() + "/metrics.lost.jsonl";
+  std::ofstream o(lost, std::ios::app);
+  o << out;
+  if (!o) OPDLM_FAIL_AT(lost, "", "cannot append the lost lines of ", metrics);
+}
+
+// Keeps the sampled rollouts of RL steps <= last_step (a resume or roll-back to that checkpoint).
+void cut_rollout_samples(const std::string& path, int64_t last_step) {
+  if (!std::filesystem::exists(path)) return;
+  std::ifstream in(path);
+  std::string line, kept;
+  while (std::getline(in, line)) {
+    const auto j = nlohmann::json::parse(line, nullptr, false);
+    if (!j.is_discarded() && j.is_object() && j.value("rl_step", int64_t{0}) <= last_step) kept += line + "\n";
+  }
+  io::atomic_write_bytes(path, kept);
+}
+
+std::string host_name() {
+  char host[256] = {0};
+  gethostname(host, sizeof host - 1);
+  return host;
+}
+
 nlohmann::json budget_to_json(const BudgetCounters& b) {
   return {{"rollouts", b.rollouts},
           {"skipped_prompts", b.skipped_prompts},
@@ -489,8 +586,11 @@ OpdTrainSummary run_opd_training(const OpdTrainOptions& o, const std::string& re
                     conversion_mode_name(o.mode));
   }
   std::optional<MetricsLog> metrics_log;
+  int64_t attempt = 0;
+  const std::string rollouts_path = o.out_dir + "/rollouts.jsonl";
   if (writer) {
     fs::create_directories(o.out_dir);
+    attempt = next_attempt(o.out_dir);
     if (resumed) {  // the log continues exactly where the checkpoint was taken
       const auto offset = resumed->meta.at("metrics_offset").get<uintmax_t>();
       std::error_code ec;
@@ -498,16 +598,21 @@ OpdTrainSummary run_opd_training(const OpdTrainOptions& o, const std::string& re
       if (size < offset)
         OPDLM_FAIL_AT(metrics_path, "metrics_offset", "the metrics log has ", size, " bytes, the checkpoint ", resume_dir,
                       " was taken at byte ", offset, " (a log of another run?)");
+      keep_lost_lines(metrics_path, offset, "restart");
       fs::resize_file(metrics_path, offset);
+      cut_rollout_samples(rollouts_path, resumed->meta.at("rl_step").get<int64_t>());
     } else if (o.resume == "auto" && fs::exists(metrics_path)) {
       // A restart that found no committed checkpoint redoes the run from the start: the log of the
       // attempt that died is kept aside, not mixed into this one.
       const std::string aside = metrics_path + ".before_restart";
+      keep_lost_lines(metrics_path, 0, "restart");
       fs::rename(metrics_path, aside);
+      cut_rollout_samples(rollouts_path, 0);
       OPDLM_LOG(warning) << "resume=auto found no checkpoint under " << ckpt_root << ": starting fresh; the earlier "
                          << "metrics log is kept as " << aside;
     }
     metrics_log.emplace(metrics_path);
+    metrics_log->stamp_lines(attempt);
   }
   struct {
     std::optional<MetricsLog>* log;
@@ -586,7 +691,8 @@ OpdTrainSummary run_opd_training(const OpdTrainOptions& o, const std::string& re
                    {"prompts", prompts.size()},
                    {"parallel", {{"tp", tp ? tp->size() : 1}, {"dp", dp.size()}, {"rows_per_rank", rows_per_rank},
                                  {"deterministic_shards", o.deterministic_shards}}},
-                   {"sampler", diffusion::sampler_options_to_json(sampler)}, {"config", resolved_table}});
+                   {"sampler", diffusion::sampler_options_to_json(sampler)}, {"config", resolved_table},
+                   {"host", host_name()}, {"world_size", tp_grid.size() * dp.size()}, {"slurm_job_id", slurm_job_id()}});
 
   // ---- state-KL probe: held-out prompts, decoded greedily with one token per step (eval settings) ----
   OpdTrainSummary sum;
@@ -719,7 +825,9 @@ OpdTrainSummary run_opd_training(const OpdTrainOptions& o, const std::string& re
     // The log was cut where the checkpoint was taken, before the line that announced its commit.
     metrics.write({{"event", "checkpoint"}, {"rl_step", start_step}, {"path", ckpt_root + "/" + io::checkpoint_dir_name(start_step)}});
     metrics.write({{"event", "resume"}, {"run_id", run_id}, {"from", resume_dir}, {"rl_step", start_step},
-                   {"optimizer_steps", sum.optimizer_steps}, {"saved_layout", saved_layout}, {"skipped", resume_skipped}});
+                   {"optimizer_steps", sum.optimizer_steps}, {"saved_layout", saved_layout}, {"skipped", resume_skipped},
+                   {"layout", {{"tp", tp_grid.size()}, {"dp", dp.size()}}}, {"host", host_name()},
+                   {"slurm_job_id", slurm_job_id()}});
     OPDLM_LOG(info) << "resumed from " << resume_dir << " at RL step " << start_step << " (saved at TP "
                     << saved_layout.value("tp", 1) << " x DP " << saved_layout.value("dp", 1) << ")";
   } else {
@@ -761,21 +869,62 @@ OpdTrainSummary run_opd_training(const OpdTrainOptions& o, const std::string& re
     save_run_checkpoint(ckpt_root, rl_step, int(o.checkpoint_keep), cgrid, student, plan, optimizer, st);
     last_checkpoint = rl_step;
     max_checkpoint_s = std::max(max_checkpoint_s, elapsed() - t_save);
-    metrics.write({{"event", "checkpoint"}, {"rl_step", rl_step}, {"path", ckpt_root + "/" + io::checkpoint_dir_name(rl_step)}});
+    metrics.write({{"event", "checkpoint"}, {"rl_step", rl_step}, {"path", ckpt_root + "/" + io::checkpoint_dir_name(rl_step)},
+                   {"seconds", elapsed() - t_save}});
   };
+  // ---- the hang watchdog (more than one rank): records under RUN/flight/<attempt> ----
+  std::unique_ptr<parallel::HangWatchdog> watchdog;
+  const int world_size = tp_grid.size() * dp.size();
+  if (o.watchdog && world_size > 1) {
+    char stamp[64];
+    const std::time_t now = std::time(nullptr);
+    std::strftime(stamp, sizeof stamp, "attempt_%Y%m%dT%H%M%S", std::gmtime(&now));
+    parallel::WatchdogOptions wo;
+    wo.floor_s = o.watchdog_floor_s;
+    wo.factor = o.watchdog_factor;
+    wo.grace_s = o.watchdog_grace_s;
+    wo.poll_s = std::min(0.5, o.watchdog_floor_s / 4);
+    wo.dump_dir = o.out_dir + "/flight/" + grid_broadcast(cgrid, std::string(stamp));  // one name for every rank
+    wo.world_rank = cgrid.world_rank;
+    wo.exit_code = kExitHang;
+    const parallel::GridShape shape{world_size, tp_grid.size()};
+    std::vector<int> world_ranks(static_cast<size_t>(world_size));
+    for (int r = 0; r < world_size; ++r) world_ranks[size_t(r)] = r;
+    wo.identity = {{"world_rank", cgrid.world_rank}, {"tp_rank", tp_grid.rank()}, {"dp_rank", dp.rank()},
+                   {"run_id", run_id},
+                   {"comms", {{"world", world_ranks}, {"tp", parallel::tp_group_ranks(dp.rank(), shape)},
+                              {"dp", parallel::dp_group_ranks(tp_grid.rank(), shape)}}}};
+    if (writer)
+      wo.on_hang = [&metrics_log](const nlohmann::json& ev) {
+        if (metrics_log) metrics_log->write(ev);
+      };
+    watchdog = std::make_unique<parallel::HangWatchdog>(parallel::flight_recorder(), std::move(wo));
+  }
   std::vector<uint64_t> perm;
   uint64_t perm_epoch = UINT64_MAX;
+  const double first_step_at = elapsed();  // this attempt's first RL step: the ETA's clock
   // A run resumed from the checkpoint it took when its token budget ran out has nothing left to train.
   bool budget_reached = o.max_train_tokens > 0 && bc.train_tokens() >= o.max_train_tokens;
   for (int64_t step = start_step; step < o.rl_steps && !budget_reached; ++step) {
     set_error_step(step + 1);  // errors name the 1-based RL step, as the log does
     const double t_step = elapsed();
+    const double comm_at_start = parallel::flight_recorder().comm_seconds();
+    const BudgetCounters bc_at_start = bc;
+    // Phase times of this step on this rank (docs/logs.md): each wraps its calls, communication included.
+    double rollout_s = 0, teacher_s = 0, student_s = 0, optimizer_s = 0;
+    auto timed = [&](double& acc, auto&& f) {
+      const double t = elapsed();
+      f();
+      acc += elapsed() - t;
+    };
     const uint32_t ustep = static_cast<uint32_t>(step);
     const int64_t max_new = max_rollout_length(step, o.ramp_start_tokens, sampler.max_new_tokens, o.ramp_steps,
                                                sampler.block_size);
     // ---- the step's prompts: a fixed shuffled stream, one epoch after another ----
     std::vector<const EncodedPrompt*> batch;
     std::vector<uint32_t> sample_ids;
+    if (injection_due("OPDLM_INJECT_HANG", cgrid.world_rank, step + 1))  // test hook: this rank stops talking
+      for (;;) std::this_thread::sleep_for(std::chrono::seconds(1));
     // A batch a roll-back skips: its prompts are used up, nothing is decoded or trained on.
     const bool skip_batch = skip_batches.count(step + 1) > 0;
     if (skip_batch) metrics.write({{"event", "skip_batch"}, {"rl_step", step + 1}, {"prompts", o.prompts_per_step}});
@@ -807,7 +956,8 @@ OpdTrainSummary run_opd_training(const OpdTrainOptions& o, const std::string& re
       so.step = ustep;
       std::vector<std::vector<int32_t>> ids;
       for (const auto* p : batch) ids.push_back(p->prompt);
-      const auto rs = shared_bd_generate(student, ids, sample_ids, so, dp);
+      std::vector<diffusion::Rollout> rs;
+      timed(rollout_s, [&] { rs = shared_bd_generate(student, ids, sample_ids, so, dp); });
       // The step's rollouts, tagged with the weights that made them (the unit a checkpoint saves).
       rollouts = diffusion::RolloutBuffer(sum.optimizer_steps, so);
       for (size_t i = 0; i < rs.size(); ++i)
@@ -816,6 +966,21 @@ OpdTrainSummary run_opd_training(const OpdTrainOptions& o, const std::string& re
           metrics.write({{"event", "skip"}, {"rl_step", step}, {"id", batch[i]->id}, {"reason", rs[i].error}});
         }
       rollouts.append_ok(rs);
+      // A few rollouts as text with their denoising order, for `opdlm-logs rollouts` and the report.
+      if (writer && o.sample_rollouts > 0 && (step == 0 || (step + 1) % o.sample_rollouts_every == 0)) {
+        std::string lines;
+        for (size_t i = 0; i < rollouts.size() && static_cast<int64_t>(i) < o.sample_rollouts; ++i) {
+          const auto& r = rollouts[i];
+          nlohmann::json pieces = nlohmann::json::array();
+          for (int32_t t : r.response) pieces.push_back(tok.decode(std::span<const int32_t>(&t, 1)));
+          lines += nlohmann::json({{"rl_step", step + 1}, {"sample_id", r.sample_id}, {"prompt", tok.decode(r.prompt)},
+                                   {"prompt_ids", r.prompt}, {"response_ids", r.response}, {"response_pieces", pieces},
+                                   {"step_map", r.step_map}, {"block_size", sampler.block_size},
+                                   {"stopped_at_eos", r.stopped_at_eos}}).dump() + "\n";
+        }
+        std::ofstream out(rollouts_path, std::ios::app);
+        out << lines;
+      }
       for (const auto& r : rollouts) {
         ++bc.rollouts;
         step_generated += static_cast<int64_t>(r.response.size());
@@ -848,6 +1013,7 @@ OpdTrainSummary run_opd_training(const OpdTrainOptions& o, const std::string& re
       // Each DP rank samples its share; the samples travel as rollouts (no step map).
       std::vector<std::vector<int32_t>> ids;
       for (const auto* p : batch) ids.push_back(p->prompt);
+      const double t_generate = elapsed();
       const auto all = shared_generate(ids, sample_ids, dp, [&](const auto& mine_ids, const auto& mine_sids) {
         const auto gs = model::ar_generate(*teacher, mine_ids, mine_sids, ao);
         std::vector<diffusion::Rollout> rs(gs.size());
@@ -859,6 +1025,7 @@ OpdTrainSummary run_opd_training(const OpdTrainOptions& o, const std::string& re
         }
         return rs;
       });
+      rollout_s += elapsed() - t_generate;
       for (size_t i = 0; i < all.size(); ++i)
         if (!all[i].response.empty()) samples.push_back({sample_ids[i], &batch[i]->prompt, all[i].response, {}});
     }
@@ -919,9 +1086,10 @@ OpdTrainSummary run_opd_training(const OpdTrainOptions& o, const std::string& re
         Row& r = rows[u0 + size_t(k)];
         Tensor tlp;
         if (spec.objective == RowObjective::teacher_kl)
-          tlp = teacher_logprobs(*teacher, r.row.prompt, r.row.x0, loss_positions(r.row, spec));
+          timed(teacher_s, [&] { tlp = teacher_logprobs(*teacher, r.row.prompt, r.row.x0, loss_positions(r.row, spec)); });
         student.zero_grads();
-        const RowLoss l = row_loss(student, tlp, r.row, spec, scale, acts);
+        RowLoss l;
+        timed(student_s, [&] { l = row_loss(student, tlp, r.row, spec, scale, acts); });
         tree.add(k - k0, student.flat_grads());
         slot[size_t(4 * k)] = l.loss * scale;
         slot[size_t(4 * k + 1)] = static_cast<double>(l.loss_positions);
@@ -933,7 +1101,7 @@ OpdTrainSummary run_opd_training(const OpdTrainOptions& o, const std::string& re
         student.grads().get("model.layers.0.self_attn.q_proj.weight").data<float>()[0] = std::nanf("");
       if (u0 == 0 && injection_due("OPDLM_INJECT_SPIKE", cgrid.world_rank, step + 1))
         for (float& g : student.flat_grads()) g *= 1e4f;
-      dp.all_reduce(std::span<double>(slot));
+      timed(optimizer_s, [&] { dp.all_reduce(std::span<double>(slot)); });
       // Counters of every row of the update, in row order (the same sums on every rank).
       double update_loss = 0;
       for (int64_t k = 0; k < n; ++k) {
@@ -1022,9 +1190,12 @@ OpdTrainSummary run_opd_training(const OpdTrainOptions& o, const std::string& re
       // Sums the ranks' parts over DP, clips to the global norm, updates each shard, all-gathers; a
       // norm spike vetoes the update before anything changes.
       bool vetoed = false;
-      const double norm = optimizer.step(grads, sum.optimizer_steps + 1, adam, o.grad_clip, [&](double g) {
-        if (auto sp = norm_spikes.check(g); sp && !spike("grad_norm", *sp)) vetoed = true;
-        return !vetoed;
+      double norm = 0;
+      timed(optimizer_s, [&] {
+        norm = optimizer.step(grads, sum.optimizer_steps + 1, adam, o.grad_clip, [&](double g) {
+          if (auto sp = norm_spikes.check(g); sp && !spike("grad_norm", *sp)) vetoed = true;
+          return !vetoed;
+        });
       });
       if (!std::isfinite(norm)) {  // nothing was updated (ShardedAdamW returns before touching the shard)
         if (nonfinite("gradient norm", norm)) break;
@@ -1060,7 +1231,12 @@ OpdTrainSummary run_opd_training(const OpdTrainOptions& o, const std::string& re
       restore(dir, st);
       skip_batches.insert(skips.begin(), skips.end());
       ++sum.rollbacks;
-      if (metrics_log) metrics_log->truncate(st.meta.at("metrics_offset").get<uintmax_t>());
+      if (metrics_log) {
+        const auto offset = st.meta.at("metrics_offset").get<uintmax_t>();
+        keep_lost_lines(metrics_path, offset, "rollback");
+        metrics_log->truncate(offset);
+        cut_rollout_samples(rollouts_path, start_step);
+      }
       metrics.write({{"event", "checkpoint"}, {"rl_step", start_step}, {"path", dir}});
       metrics.write({{"event", "rollback"}, {"rl_step", step + 1}, {"to", dir}, {"to_rl_step", start_step},
                      {"cause", *rollback_cause}, {"skip_batches", skip_batches}});
@@ -1072,6 +1248,18 @@ OpdTrainSummary run_opd_training(const OpdTrainOptions& o, const std::string& re
     }
     sum.rl_steps = step + 1;
     sum.final_loss = step_updates ? step_loss / static_cast<double>(step_updates) : 0;
+    // ---- the step's one agreement over the grid: stop flags, and each rank's busy time ----
+    // A stop signal on any rank, or too little time left for another step and a save, stops every
+    // rank after this step's log line, probe, save and checkpoint. The same all-reduce carries each
+    // rank's time outside collectives this step (stragglers show up there, not in the step time).
+    const double step_s = elapsed() - t_step;
+    const double comm_s = parallel::flight_recorder().comm_seconds() - comm_at_start;
+    const double margin = 1.5 * std::max(max_step_s, step_s) + 1.5 * max_checkpoint_s + 5.0;
+    std::vector<int64_t> agree(size_t(2 + world_size), 0);
+    agree[0] = stop_signal() != 0 ? 1 : 0;
+    agree[1] = deadline > 0 && deadline - elapsed() < margin ? 1 : 0;
+    agree[size_t(2 + cgrid.world_rank)] = std::llround((step_s - comm_s) * 1e6);
+    grid_sum(cgrid, std::span<int64_t>(agree));
     if ((step + 1) % o.log_every == 0 || step + 1 == o.rl_steps || budget_reached) {
       const double secs = elapsed();
       const double n_samples = static_cast<double>(std::max<size_t>(samples.size(), 1));
@@ -1090,21 +1278,39 @@ OpdTrainSummary run_opd_training(const OpdTrainOptions& o, const std::string& re
         j["eos_rate"] = static_cast<double>(eos_count) / n_samples;
         j["rollout_tokens_per_forward"] = step_denoise ? double(step_generated) / double(step_denoise) : 0.0;
       }
+      // Who, where, how long (docs/logs.md): rank 0's phase times, every rank's busy time, FLOPs, MFU.
+      const double flops = (bc.rollout_flops - bc_at_start.rollout_flops) + (bc.teacher_flops - bc_at_start.teacher_flops) +
+                           (bc.student_forward_flops - bc_at_start.student_forward_flops) +
+                           (bc.student_backward_flops - bc_at_start.student_backward_flops);
+      std::vector<double> busy;
+      for (int r = 0; r < world_size; ++r) busy.push_back(static_cast<double>(agree[size_t(2 + r)]) * 1e-6);
+      j["run_id"] = run_id;
+      j["layout"] = {{"tp", tp_grid.size()}, {"dp", dp.size()}};
+      j["timings"] = {{"step_s", step_s}, {"rollout_s", rollout_s}, {"teacher_s", teacher_s}, {"student_s", student_s},
+                      {"optimizer_s", optimizer_s}, {"communication_s", comm_s}};
+      j["busy_s_by_rank"] = busy;
+      j["flops"] = flops;
+      j["mfu"] = o.peak_flops > 0 ? nlohmann::json(flops / (step_s * o.peak_flops * world_size)) : nlohmann::json(nullptr);
       metrics.write(j);
-      OPDLM_LOG(info) << mode << " RL step " << step + 1 << "/" << o.rl_steps << " loss " << sum.final_loss << " |g| "
-                      << last_norm << " rows " << step_rows << " train tokens " << bc.train_tokens() << " ("
-                      << static_cast<int64_t>(bc.train_tokens() / secs) << "/s)";
+      // The progress line: one per logged step, also in batch logs (docs/logs.md).
+      const double per_step = (secs - first_step_at) / static_cast<double>(step + 1 - start_step);
+      std::ostringstream line;
+      line << mode << " RL step " << step + 1 << "/" << o.rl_steps << " loss " << sum.final_loss << " |g| " << last_norm
+           << " rows " << step_rows << " train tokens " << bc.train_tokens() << " ("
+           << static_cast<int64_t>(bc.train_tokens() / secs) << "/s)";
+      if (use_rollouts && step_denoise) line << " tok/fwd " << std::setprecision(3) << double(step_generated) / double(step_denoise);
+      if (sum.probe_own_kl_last >= 0) line << " probe KL " << std::setprecision(4) << sum.probe_own_kl_last;
+      line << " ETA " << format_duration(per_step * static_cast<double>(o.rl_steps - step - 1));
+      OPDLM_LOG(info) << line.str();
     }
     if (o.probe_every > 0 && (step + 1) % o.probe_every == 0 && step + 1 < o.rl_steps && !budget_reached) run_probe(step + 1);
     if (o.save_every > 0 && (step + 1) % o.save_every == 0 && step + 1 < o.rl_steps && !budget_reached) save(step + 1);
     if (o.checkpoint_every > 0 && (step + 1) % o.checkpoint_every == 0 && step + 1 < o.rl_steps && !budget_reached)
       checkpoint(step + 1);
-    // ---- a stop signal on any rank, or too little time for another step and a save: all ranks stop ----
     max_step_s = std::max(max_step_s, elapsed() - t_step);
+    if (watchdog) watchdog->set_expected(std::max(max_step_s, max_checkpoint_s));
     if (step + 1 < o.rl_steps && !budget_reached) {
-      const double margin = 1.5 * max_step_s + 1.5 * max_checkpoint_s + 5.0;
-      int64_t flags[2] = {stop_signal() != 0 ? 1 : 0, deadline > 0 && deadline - elapsed() < margin ? 1 : 0};
-      grid_sum(cgrid, std::span<int64_t>(flags));  // 16 bytes per RL step, against thousands of calls
+      const int64_t* flags = agree.data();
       if (flags[0] > 0 || flags[1] > 0) {
         sum.stopped = flags[0] > 0 ? "signal" : "time limit";
         if (last_checkpoint != step + 1) checkpoint(step + 1);

@@ -1,6 +1,7 @@
 // The [optim] keys, the metrics log and the AdamW update shared by the training loops.
 #include "opdlm/train/train_common.hpp"
 
+#include <chrono>
 #include <filesystem>
 #include <nlohmann/json.hpp>
 
@@ -49,6 +50,7 @@ MetricsLog::MetricsLog(const std::string& path) : path_(path), out_(path, std::i
 }
 
 void MetricsLog::truncate(uintmax_t bytes) {
+  std::lock_guard<std::mutex> lock(mu_);
   out_.close();
   std::filesystem::resize_file(path_, bytes);
   out_.open(path_, std::ios::app);
@@ -56,7 +58,17 @@ void MetricsLog::truncate(uintmax_t bytes) {
 }
 
 void MetricsLog::write(const nlohmann::json& j) {
-  out_ << j.dump() << "\n";
+  std::string line;
+  if (attempt_ >= 0 && j.is_object()) {
+    nlohmann::json s = j;
+    s["time"] = std::chrono::duration<double>(std::chrono::system_clock::now().time_since_epoch()).count();
+    s["attempt"] = attempt_;
+    line = s.dump() + "\n";
+  } else {
+    line = j.dump() + "\n";
+  }
+  std::lock_guard<std::mutex> lock(mu_);
+  out_ << line;
   out_.flush();
 }
 

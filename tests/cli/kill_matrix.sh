@@ -61,6 +61,15 @@ a, b = lines(f"{name}_straight", ("checkpoint", "resume")), lines(name, ("checkp
 steps = [j["rl_step"] for j in b if j["event"] == "step"]
 assert steps == list(range(1, 41)), f"{name}: RL steps in the stitched log: {steps}"
 assert a == b, f"{name}: the stitched metrics differ from the uninterrupted run's"
+# Attempts: numbered in order on every line; the work a death lost is kept in metrics.lost.jsonl,
+# tagged with the attempt that did it (docs/logs.md).
+att = [json.loads(l)["attempt"] for l in open(f"{name}/metrics.jsonl")]
+assert att == sorted(att) and att[-1] >= 1, f"{name}: attempts {att}"
+try:
+    lost = [json.loads(l) for l in open(f"{name}/metrics.lost.jsonl")]
+except FileNotFoundError:
+    lost = []
+assert all(j["lost_by"] == "restart" and j["lost_in_attempt"] < att[-1] for j in lost), f"{name}: lost lines {lost[:3]}"
 PY
   for run in ${name}_straight $name; do "$OPDLM" ckpt inspect $run/checkpoints/step_00000040 >$run.inspect; done
   /usr/bin/python3 - "$name" <<'PY'

@@ -56,7 +56,10 @@ std::string unique_name(const std::string& base, MpiCommunicator& world) {
 std::vector<nlohmann::json> comparable_lines(const std::string& path) {
   std::vector<nlohmann::json> out;
   for (auto j : test::read_metrics_jsonl(path)) {
-    for (const char* k : {"elapsed_s", "train_tokens_per_s", "wall_s", "config", "path", "parallel", "run_id"}) j.erase(k);
+    for (const char* k : {"elapsed_s", "train_tokens_per_s", "wall_s", "config", "path", "parallel", "run_id", "time",
+                          "attempt", "timings", "busy_s_by_rank", "mfu", "seconds", "host", "slurm_job_id", "layout",
+                          "world_size"})
+      j.erase(k);
     out.push_back(j);
   }
   return out;

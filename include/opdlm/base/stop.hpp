@@ -9,6 +9,9 @@ namespace opdlm {
 // The exit code of a run that stopped on a signal or at its time limit after committing a checkpoint:
 // "requeue me" (EX_TEMPFAIL), distinct from success (0), errors (1) and usage errors (2).
 inline constexpr int kExitRequeue = 75;
+// The exit code of a rank the hang watchdog ended (parallel/watchdog.hpp): a collective stayed pending
+// far longer than a step takes; the per-rank flight records were written for `opdlm flight`.
+inline constexpr int kExitHang = 88;
 
 // Installs the handlers (idempotent). The CLI does this before training.
 void install_stop_handlers();

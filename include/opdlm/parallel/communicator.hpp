@@ -11,6 +11,7 @@
 #include <cstdint>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <ostream>
 #include <span>
 #include <string>
@@ -51,13 +52,22 @@ class FlightRecorder {
   void reset(size_t capacity);
   // One line per record: "seq comm op bytes start end|IN-FLIGHT".
   void dump(std::ostream& os) const;
+  // The call in flight that started first, if any (the hang watchdog's question).
+  std::optional<CollectiveRecord> oldest_in_flight() const;
+  // Seconds since the recorder was made (the clock of start_s / end_s), and that moment's wall clock.
+  double now() const;
+  std::chrono::system_clock::time_point wall_t0() const { return wall_t0_; }
+  // Seconds spent inside finished collectives since the recorder was made (waiting included): the
+  // communication time of a step is the difference of two readings.
+  double comm_seconds() const;
 
  private:
-  double now() const;
   mutable std::mutex mu_;
   std::vector<CollectiveRecord> ring_;
   uint64_t next_ = 0;  // tokens are absolute call numbers; slot = token % capacity
   std::chrono::steady_clock::time_point t0_;
+  std::chrono::system_clock::time_point wall_t0_;
+  double comm_s_ = 0;
 };
 
 // The process-wide recorder every communicator of this rank writes to.

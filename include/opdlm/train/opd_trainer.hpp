@@ -90,6 +90,12 @@ struct OpdTrainOptions {
   std::string on_spike = "warn";       // numerics.on_spike: warn | skip | rollback | abort
   SpikeRule spike{50, 6.0, 2.0};       // numerics.spike_window / spike_sigma / spike_min_ratio
   int64_t max_rollbacks = 3;
+  // [watchdog]: with more than one rank, a collective pending longer than max(floor, factor x the
+  // longest step or save) ends the job with exit code 88 and per-rank flight records.
+  int64_t sample_rollouts = 2, sample_rollouts_every = 10;  // RUN/rollouts.jsonl
+  double peak_flops = 0;  // run.peak_flops: one rank's peak FLOP/s, for the MFU (0: none)
+  bool watchdog = true;
+  double watchdog_floor_s = 300, watchdog_factor = 10, watchdog_grace_s = 5;
   bool slurm_end_time = true;
   // [checkpoint]: crash-safe checkpoints of the whole state under out_dir/checkpoints (docs/checkpoint.md)
   int64_t checkpoint_every = 0;  // RL steps between checkpoints, and one at the end (0: off)

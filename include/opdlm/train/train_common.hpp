@@ -5,6 +5,7 @@
 #include <boost/program_options/options_description.hpp>
 #include <cstdint>
 #include <fstream>
+#include <mutex>
 #include <nlohmann/json_fwd.hpp>
 #include <string>
 
@@ -34,11 +35,15 @@ class MetricsLog {
  public:
   explicit MetricsLog(const std::string& path);
   void write(const nlohmann::json& j);
-  // Cuts the log back to `bytes` (a checkpoint's metrics offset) and goes on appending from there.
+  // From now on every line also gets "time" (Unix seconds) and "attempt" (docs/logs.md).
+  void stamp_lines(int64_t attempt) { attempt_ = attempt; }
+  // Thread-safe. Cuts the log back to `bytes` (a checkpoint's metrics offset) and goes on appending from there.
   void truncate(uintmax_t bytes);
 
  private:
   std::string path_;
+  int64_t attempt_ = -1;  // < 0: lines as given
+  std::mutex mu_;  // the hang watchdog writes its line from its own thread
   std::ofstream out_;
 };
 

@@ -1,8 +1,10 @@
 """metrics.py -- read by the CLI tests: a run's metrics.jsonl as comparable lines."""
 import json
 
-# Fields that differ between equal runs: wall clock, paths, the run id, the launch layout.
-VOLATILE = ("elapsed_s", "train_tokens_per_s", "wall_s", "config", "parallel", "path", "run_id")
+# Fields that differ between equal runs: wall clock and timings, paths, the run id, the attempt, the
+# host and job, the launch layout.
+VOLATILE = ("elapsed_s", "train_tokens_per_s", "wall_s", "config", "parallel", "path", "run_id", "time", "attempt",
+            "timings", "busy_s_by_rank", "mfu", "seconds", "host", "slurm_job_id", "layout", "world_size")
 
 
 def lines(run_dir, skip_events=()):
