@@ -17,10 +17,27 @@
 #           runs/quickstart/eval/*.json (opdlm eval results), runs/quickstart/table.{txt,json}
 #
 # Usage: jobs/quickstart.sh          (builds build/opdlm first when it is missing)
+#    or: sbatch jobs/quickstart.sh   (from the repository root, which must be on a shared filesystem;
+#        resources: the #SBATCH lines below, 1 task x 2 CPUs for 1 h, log slurm-opdlm-quickstart-<id>.log;
+#        change them on the command line, e.g. sbatch --cpus-per-task=8 --partition=p jobs/quickstart.sh.
+#        A rerun, or a requeue, skips what is done: data, teacher, each finished conversion)
 #   env: OPDLM (binary, default build/opdlm), DATA (data/quickstart), RUN (runs/quickstart),
 #        EVAL_LIMIT (records per eval task, default 300), SEED (conversion seed, default 1234)
+#SBATCH --job-name=opdlm-quickstart
+#SBATCH --ntasks=1
+#SBATCH --cpus-per-task=2
+#SBATCH --time=01:00:00
+#SBATCH --open-mode=append
+#SBATCH --output=slurm-%x-%j.log
 set -euo pipefail
-cd "$(dirname "$0")/.."
+# The repository: this script's parent folder; under sbatch, which runs a copy of the script from its
+# spool folder, OPDLM_ROOT or the submit directory (submit from the repository root).
+ROOT=${OPDLM_ROOT:-$(cd "$(dirname "$0")/.." && pwd)}
+[[ -f $ROOT/jobs/lib/common.sh ]] || ROOT=${SLURM_SUBMIT_DIR:-.}
+if ! cd "$ROOT" || [[ ! -f jobs/lib/common.sh ]]; then
+  echo "$0: cannot find the opdlm repository (jobs/lib/common.sh): run it from the repository, or set OPDLM_ROOT" >&2
+  exit 2
+fi
 OPDLM=${OPDLM:-build/opdlm}
 DATA=${DATA:-data/quickstart}
 RUN=${RUN:-runs/quickstart}

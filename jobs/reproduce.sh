@@ -34,6 +34,10 @@
 #           differ from its study.json in what cached results depend on (use another RUN).
 #
 # Usage: jobs/reproduce.sh
+#    or: sbatch jobs/reproduce.sh (from the repository root, on a shared filesystem; resources: the
+#        #SBATCH lines below, 1 task x 4 CPUs for 6 h, log slurm-opdlm-reproduce-<id>.log; change them
+#        on the command line, e.g. JOBS=8 sbatch --cpus-per-task=8 jobs/reproduce.sh; a resubmission
+#        or a requeue picks up where it stopped, as under Restart above)
 #   env: OPDLM (build/opdlm), DATA (data/quickstart), TEACHER (runs/quickstart/teacher/model.h5; built
 #        there when missing and DATA is the quickstart data), CONFIG (configs/opd/quickstart.ini),
 #        RUN (runs/reproduce), ARMS ("opd rm-kl rm-ce-gold rm-ce-teacher"), SEEDS ("1 2 3"),
@@ -45,8 +49,21 @@
 #   reduced example (smoke teacher, ~2-3 min):
 #     DATA=/tmp/smoke1/data TEACHER=/tmp/smoke1/teacher/model.h5 RUN=runs/reproduce-smoke SEEDS="1 2" \
 #       LRS=3e-4 MAX_TOKENS=8000 MILESTONES=2000,4000,8000 EVAL_LIMIT=100 TAUS="0.7 0.9" jobs/reproduce.sh
+#SBATCH --job-name=opdlm-reproduce
+#SBATCH --ntasks=1
+#SBATCH --cpus-per-task=4
+#SBATCH --time=06:00:00
+#SBATCH --open-mode=append
+#SBATCH --output=slurm-%x-%j.log
 set -euo pipefail
-cd "$(dirname "$0")/.."
+# The repository: this script's parent folder; under sbatch, which runs a copy of the script from its
+# spool folder, OPDLM_ROOT or the submit directory (submit from the repository root).
+ROOT=${OPDLM_ROOT:-$(cd "$(dirname "$0")/.." && pwd)}
+[[ -f $ROOT/jobs/lib/common.sh ]] || ROOT=${SLURM_SUBMIT_DIR:-.}
+if ! cd "$ROOT" || [[ ! -f jobs/lib/common.sh ]]; then
+  echo "$0: cannot find the opdlm repository (jobs/lib/common.sh): run it from the repository, or set OPDLM_ROOT" >&2
+  exit 2
+fi
 OPDLM=${OPDLM:-build/opdlm}
 DATA=${DATA:-data/quickstart}
 TEACHER=${TEACHER:-runs/quickstart/teacher/model.h5}

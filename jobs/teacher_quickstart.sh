@@ -20,7 +20,14 @@
 #        runs/teacher_quickstart), EVAL_LIMIT (items per eval task, 0 = all, default 0),
 #        MIN_FACTS_EM / MIN_ARITH_EM (fail with exit 3 below these, default 0 = report only)
 set -euo pipefail
-cd "$(dirname "$0")/.."
+# The repository: this script's parent folder; under sbatch, which runs a copy of the script from its
+# spool folder, OPDLM_ROOT or the submit directory (submit from the repository root).
+ROOT=${OPDLM_ROOT:-$(cd "$(dirname "$0")/.." && pwd)}
+[[ -f $ROOT/jobs/lib/common.sh ]] || ROOT=${SLURM_SUBMIT_DIR:-.}
+if ! cd "$ROOT" || [[ ! -f jobs/lib/common.sh ]]; then
+  echo "$0: cannot find the opdlm repository (jobs/lib/common.sh): run it from the repository, or set OPDLM_ROOT" >&2
+  exit 2
+fi
 OPDLM=${OPDLM:-build/opdlm}
 DATA=${DATA:-data/quickstart}
 RUN=${RUN:-runs/teacher_quickstart}
