@@ -18,6 +18,10 @@ PKGS=(
   bible-kjv bible-kjv-text wordnet-base             # real text: KJV Bible, WordNet glosses (data.md)
   libgtest-dev libbenchmark-dev                     # tests and benchmarks
   python3-torch python3-numpy                       # independent PyTorch references (golden files)
+  slurmctld slurmd slurm-client munge               # the real-Slurm test: a throwaway cluster (tools/slurm-local.sh)
+  python3-matplotlib                                # tools/opdlm_logs.py plot / report: PNG plots (Agg backend)
+  python3-jinja2                                    # tools/opdlm_logs.py report: the HTML page, autoescaped
+  chromium                                          # renders that page headless in tests/tools/test_opdlm_logs_report.py
 )
 
 missing=()

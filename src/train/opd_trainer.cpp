@@ -903,6 +903,7 @@ OpdTrainSummary run_opd_training(const OpdTrainOptions& o, const std::string& re
   std::vector<uint64_t> perm;
   uint64_t perm_epoch = UINT64_MAX;
   const double first_step_at = elapsed();  // this attempt's first RL step: the ETA's clock
+  const int64_t tokens_at_attempt_start = bc.train_tokens();  // throughput counts this attempt's tokens only
   // A run resumed from the checkpoint it took when its token budget ran out has nothing left to train.
   bool budget_reached = o.max_train_tokens > 0 && bc.train_tokens() >= o.max_train_tokens;
   for (int64_t step = start_step; step < o.rl_steps && !budget_reached; ++step) {
@@ -1269,7 +1270,7 @@ OpdTrainSummary run_opd_training(const OpdTrainOptions& o, const std::string& re
                           {"max_new_tokens", max_new}, {"samples", samples.size()}, {"rows", step_rows},
                           {"masked_fraction", slots_total ? double(masked_total) / double(slots_total) : 0.0},
                           {"elapsed_s", secs},
-                          {"train_tokens_per_s", static_cast<double>(bc.train_tokens()) / secs},
+                          {"train_tokens_per_s", static_cast<double>(bc.train_tokens() - tokens_at_attempt_start) / secs},
                           {"budget", budget_to_json(bc)}};
       j["budget"]["train_tokens"] = bc.train_tokens();
       if (skip_batch) j["skipped_batch"] = true;
@@ -1285,6 +1286,7 @@ OpdTrainSummary run_opd_training(const OpdTrainOptions& o, const std::string& re
       std::vector<double> busy;
       for (int r = 0; r < world_size; ++r) busy.push_back(static_cast<double>(agree[size_t(2 + r)]) * 1e-6);
       j["run_id"] = run_id;
+      j["slurm_job_id"] = slurm_job_id();
       j["layout"] = {{"tp", tp_grid.size()}, {"dp", dp.size()}};
       j["timings"] = {{"step_s", step_s}, {"rollout_s", rollout_s}, {"teacher_s", teacher_s}, {"student_s", student_s},
                       {"optimizer_s", optimizer_s}, {"communication_s", comm_s}};
@@ -1297,7 +1299,7 @@ OpdTrainSummary run_opd_training(const OpdTrainOptions& o, const std::string& re
       std::ostringstream line;
       line << mode << " RL step " << step + 1 << "/" << o.rl_steps << " loss " << sum.final_loss << " |g| " << last_norm
            << " rows " << step_rows << " train tokens " << bc.train_tokens() << " ("
-           << static_cast<int64_t>(bc.train_tokens() / secs) << "/s)";
+           << static_cast<int64_t>(static_cast<double>(bc.train_tokens() - tokens_at_attempt_start) / secs) << "/s)";
       if (use_rollouts && step_denoise) line << " tok/fwd " << std::setprecision(3) << double(step_generated) / double(step_denoise);
       if (sum.probe_own_kl_last >= 0) line << " probe KL " << std::setprecision(4) << sum.probe_own_kl_last;
       line << " ETA " << format_duration(per_step * static_cast<double>(o.rl_steps - step - 1));
