@@ -22,6 +22,8 @@ PKGS=(
   python3-matplotlib                                # tools/opdlm_logs.py plot / report: PNG plots (Agg backend)
   python3-jinja2                                    # tools/opdlm_logs.py report: the HTML page, autoescaped
   chromium                                          # renders that page headless in tests/tools/test_opdlm_logs_report.py
+  clang libclang-rt-dev libomp-dev                  # the sanitizer + libFuzzer build (ASan, UBSan, libFuzzer runtimes; clang's OpenMP)
+  libopenblas-pthread-dev                           # that build's OpenBLAS (the pthread one: no second OpenMP runtime)
 )
 
 missing=()

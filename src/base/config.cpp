@@ -33,6 +33,17 @@ std::string any_to_text(const boost::any& v) {
   OPDLM_FAIL_AT(where, key, e.what());
 }
 
+// Boost.Program_options builds its error messages by replacing placeholders such as %value% with the
+// offending text, again and again while the placeholder is found: a value that itself contains the
+// placeholder never terminates (a hang found by fuzz_config_ini). Such text is refused before Boost
+// sees it.
+void refuse_placeholders(const std::string& text, const std::string& where, const std::string& what) {
+  for (const char* p : {"%option%", "%original_token%", "%value%", "%invalid_line%", "%canonical_option%",
+                        "%prefix%", "%example%"})
+    if (text.find(p) != std::string::npos)
+      OPDLM_FAIL_AT(where, what, "the text '", p, "' is reserved by the config parser; remove it");
+}
+
 }  // namespace
 
 ResolvedConfig load_config(const po::options_description& desc, const std::string& ini_path,
@@ -42,6 +53,7 @@ ResolvedConfig load_config(const po::options_description& desc, const std::strin
   // "--section.key=" means the empty value (Boost rejects an empty "=value"; a separate "" works),
   // so a string key set in the file can be cleared from the command line.
   std::vector<std::string> args;
+  for (const auto& a : overrides) refuse_placeholders(a, "command line", a.substr(0, a.find('=')));
   for (const auto& a : overrides) {
     if (a.size() > 3 && a.rfind("--", 0) == 0 && a.back() == '=' && a.find('=') == a.size() - 1) {
       args.push_back(a.substr(0, a.size() - 1));
@@ -63,8 +75,15 @@ ResolvedConfig load_config(const po::options_description& desc, const std::strin
   for (const auto& kv : cfg.values)
     if (!kv.second.defaulted()) from_cli[kv.first] = true;
   if (!ini_path.empty()) {
-    std::ifstream in(ini_path);
-    if (!in) OPDLM_FAIL_AT(ini_path, "", "cannot open config file");
+    std::ifstream file(ini_path);
+    if (!file) OPDLM_FAIL_AT(ini_path, "", "cannot open config file");
+    std::stringstream in;
+    in << file.rdbuf();
+    {
+      std::istringstream lines(in.str());
+      std::string line;
+      for (int64_t n = 1; std::getline(lines, line); ++n) refuse_placeholders(line, ini_path + ":" + std::to_string(n), "");
+    }
     try {
       po::store(po::parse_config_file(in, desc, /*allow_unregistered=*/false), cfg.values);
     } catch (const po::error& e) {

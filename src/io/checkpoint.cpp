@@ -100,7 +100,9 @@ void write_checkpoint_file(const std::string& path, const nlohmann::json& meta, 
         write_i64_attr(ds, "offset", b.offset);
       });
     }
-    for (const auto& [name, values] : arrays) {
+    for (const auto& array : arrays) {
+      const std::string& name = array.first;  // not a structured binding: clang 14 cannot capture those
+      const std::vector<int64_t>& values = array.second;
       if (between) between(i);
       ++i;
       with_context(path, name, [&] {
@@ -296,21 +298,37 @@ nlohmann::json verify_checkpoint(const std::string& dir) {
   std::error_code ec;
   if (!fs::is_regular_file(mpath, ec)) OPDLM_FAIL_AT(mpath, "", "no manifest: the checkpoint was never committed");
   const nlohmann::json m = parse_json(read_file_bytes(mpath), mpath, "manifest");
-  if (!m.is_object() || m.value("format", "") != "opdlm-checkpoint-manifest")
+  // Every field is checked for its JSON type before use: the manifest is read from disk like any input
+  // (a wrong type must be this error, not a json exception; fuzz_ckpt_manifest).
+  const auto fmt = m.is_object() ? m.find("format") : m.end();
+  if (!m.is_object() || fmt == m.end() || !fmt->is_string() || *fmt != "opdlm-checkpoint-manifest")
     OPDLM_FAIL_AT(mpath, "format", "not an opdlm checkpoint manifest");
   if (!m.contains("files") || !m["files"].is_array()) OPDLM_FAIL_AT(mpath, "files", "the file list is missing");
+  size_t i = 0;
   for (const auto& f : m["files"]) {
-    const std::string name = f.value("name", ""), p = dir + "/" + name;
-    if (name.empty()) OPDLM_FAIL_AT(mpath, "files", "a file entry has no name");
+    const std::string field = "files[" + std::to_string(i++) + "]";
+    if (!f.is_object()) OPDLM_FAIL_AT(mpath, field, "a file entry must be an object {name, bytes, xxh3_64}");
+    const auto name_it = f.find("name"), bytes_it = f.find("bytes"), sum_it = f.find("xxh3_64");
+    if (name_it == f.end() || !name_it->is_string() || name_it->get_ref<const std::string&>().empty())
+      OPDLM_FAIL_AT(mpath, field + ".name", "a file entry has no name");
+    const std::string& name = name_it->get_ref<const std::string&>();
+    // A plain file name inside the checkpoint: never a path that leaves it.
+    if (name == "." || name == ".." || name.find('/') != std::string::npos || name.find('\0') != std::string::npos)
+      OPDLM_FAIL_AT(mpath, field + ".name", "'", name, "' is not a file name inside the checkpoint");
+    if (bytes_it == f.end() || !bytes_it->is_number_integer())
+      OPDLM_FAIL_AT(mpath, field + ".bytes", "the size of ", name, " is missing or not an integer");
+    if (sum_it == f.end() || !sum_it->is_string())
+      OPDLM_FAIL_AT(mpath, field + ".xxh3_64", "the checksum of ", name, " is missing or not a string");
+    const std::string p = dir + "/" + name;
     if (!fs::is_regular_file(p, ec)) OPDLM_FAIL_AT(p, "", "listed in the manifest but missing");
     const int64_t bytes = int64_t(fs::file_size(p));
-    if (bytes != f.value("bytes", int64_t(-1)))
-      OPDLM_FAIL_AT(p, "bytes", "the file has ", bytes, " bytes, the manifest records ", f.value("bytes", int64_t(-1)),
+    if (bytes != bytes_it->get<int64_t>())
+      OPDLM_FAIL_AT(p, "bytes", "the file has ", bytes, " bytes, the manifest records ", bytes_it->dump(),
                     " (truncated or overwritten)");
     if (p.size() > 3 && p.compare(p.size() - 3, 3, ".h5") == 0) (void)read_checkpoint_file(p);  // names the dataset
     const std::string sum = xxh3_file_hex(p);
-    if (sum != f.value("xxh3_64", ""))
-      OPDLM_FAIL_AT(p, "xxh3_64", "XXH3-64 of the file is ", sum, ", the manifest records ", f.value("xxh3_64", ""));
+    if (sum != sum_it->get_ref<const std::string&>())
+      OPDLM_FAIL_AT(p, "xxh3_64", "XXH3-64 of the file is ", sum, ", the manifest records ", sum_it->dump());
   }
   return m;
 }

@@ -103,7 +103,7 @@ PromptDataset load_prompt_jsonl(const std::string& path) {
     json j;
     try {
       j = json::parse(line);
-    } catch (const json::parse_error& e) {
+    } catch (const json::exception& e) {  // parse errors and number overflows alike (fuzz finding)
       OPDLM_FAIL_AT(where, "", "invalid JSON: ", e.what());
     }
     if (j.is_object() && j.contains("_header")) {

@@ -96,7 +96,9 @@ void save_model(const std::string& path, const model::Qwen3Weights& w, const nlo
       if (tensors.size() != expected.size())
         OPDLM_FAIL_AT(path, "", "weights hold ", tensors.size(), " tensors, the config implies ", expected.size());
       for (size_t i = 0; i < tensors.size(); ++i) {
-        const auto& [name, value] = tensors[i];
+        // Named references, not a structured binding: clang 14 cannot capture those in lambdas.
+        const auto& name = tensors[i].name;
+        const auto& value = tensors[i].value;
         const std::string field = std::string("/") + kTensorGroup + "/" + name;
         // Checked here, mid-write, rather than up front: the atomic rename is what protects the
         // previous file, and the tests exercise exactly this path.
@@ -143,7 +145,9 @@ model::Qwen3Weights load_model(const std::string& path) {
   });
   const size_t esize = dtype_size(info.dtype);
   std::set<std::string> expected_names;
-  for (auto& [name, value] : w.tensors()) {
+  for (auto& nt : w.tensors()) {
+    const std::string& name = nt.name;  // not a structured binding (clang 14: lambdas below)
+    Tensor& value = nt.value;
     expected_names.insert(name);
     const std::string field = gpath + "/" + name;
     with_context(path, field, [&] {

@@ -279,13 +279,17 @@ void SafetensorsFile::read_into(const std::string& name, Tensor& out) const {
   };
   if (out.dtype() == DType::f32) {
     float* o = out.data<float>();
-    if (e.dtype == StDType::F32) std::memcpy(o, src, static_cast<size_t>(n) * 4);
+    // n > 0: an empty tensor has no storage, and memcpy from or to a null pointer is undefined
+    // even for 0 bytes (UBSan).
+    if (e.dtype == StDType::F32) {
+      if (n > 0) std::memcpy(o, src, static_cast<size_t>(n) * 4);
+    }
     else if (e.dtype == StDType::BF16) for (int64_t i = 0; i < n; ++i) o[i] = bf16_bits_to_f32(half(i));
     else for (int64_t i = 0; i < n; ++i) o[i] = f16_bits_to_f32(half(i));
   } else {
     bf16* o = out.data<bf16>();
     if (e.dtype == StDType::BF16) {
-      std::memcpy(o, src, static_cast<size_t>(n) * 2);
+      if (n > 0) std::memcpy(o, src, static_cast<size_t>(n) * 2);
     } else {
       for (int64_t i = 0; i < n; ++i) {
         float x;

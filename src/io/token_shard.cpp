@@ -273,7 +273,7 @@ std::vector<std::string> split_documents(std::string_view content, DocFormat for
         nlohmann::json j;
         try {
           j = nlohmann::json::parse(line);
-        } catch (const nlohmann::json::parse_error& e) {
+        } catch (const nlohmann::json::exception& e) {  // number overflows too, not only parse errors
           OPDLM_FAIL_AT(where, "", "invalid JSON: ", e.what());
         }
         if (j.is_object() && j.contains("_header")) break;

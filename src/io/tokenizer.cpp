@@ -27,6 +27,11 @@ namespace {
 
 using json = nlohmann::json;
 
+// The ids (exclusive bound) a tokenizer.json with `entries` tokens may use: a dense vocabulary with
+// room for reserved ranges, never beyond 2^24 (Qwen3Config's vocabulary limit). Id-indexed tables
+// are sized by the largest id, so this bounds what a hostile file can make opdlm allocate.
+int64_t max_token_id_limit(int64_t entries) { return std::min<int64_t>(int64_t{1} << 24, 2 * entries + 65536); }
+
 // ---- UTF-8 ----------------------------------------------------------------------------------------
 
 // Offset of the first byte that does not start a valid UTF-8 sequence (strict: no overlongs,
@@ -798,11 +803,15 @@ void Tokenizer::Impl::parse_model(const json& m) {
   const json& v = need(m, "vocab", "model");
   if (!v.is_object()) fail("model.vocab", "expected an object {token: id}");
   vocab.reserve(v.size());
+  // Tables are indexed by id: ids far beyond the number of entries (a sparse or hostile vocabulary)
+  // would make them huge, so they are refused before anything is sized by them.
+  const int64_t id_limit = max_token_id_limit(static_cast<int64_t>(v.size()));
   for (auto it = v.begin(); it != v.end(); ++it) {
     const std::string field = "model.vocab[" + json(it.key()).dump() + "]";
     if (!it->is_number_integer()) fail(field, "id is not an integer");
     const int64_t id = it->get<int64_t>();
-    if (id < 0 || id >= (int64_t{1} << 30)) fail(field, "id " + std::to_string(id) + " out of range");
+    if (id < 0 || id >= id_limit)
+      fail(field, "id " + std::to_string(id) + " out of range [0, " + std::to_string(id_limit) + ")");
     if (static_cast<size_t>(id) >= model_tokens.size()) {
       model_tokens.resize(static_cast<size_t>(id) + 1);
       has_model.resize(static_cast<size_t>(id) + 1, 0);
@@ -875,8 +884,9 @@ void Tokenizer::Impl::parse_added(const json& a) {
     const json& e = a[i];
     AddedToken t;
     const json& id = need(e, "id", field);
-    if (!id.is_number_integer() || id.get<int64_t>() < 0 || id.get<int64_t>() >= (int64_t{1} << 30))
-      fail(field + ".id", "not a valid id: " + id.dump());
+    if (!id.is_number_integer() || id.get<int64_t>() < 0 ||
+        id.get<int64_t>() >= max_token_id_limit(static_cast<int64_t>(model_tokens.size()) + static_cast<int64_t>(a.size())))
+      fail(field + ".id", "not a valid id (negative, or far beyond the vocabulary's size): " + id.dump());
     t.id = id.get<int32_t>();
     const json& c = need(e, "content", field);
     if (!c.is_string() || c.get<std::string>().empty()) fail(field + ".content", "expected a non-empty string");

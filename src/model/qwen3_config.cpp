@@ -111,17 +111,19 @@ void Qwen3Config::save(const std::string& path) const {
 }
 
 void Qwen3Config::validate(const std::string& src) const {
-  auto positive = [&](int64_t v, const char* f) {
+  using L = Qwen3ConfigLimits;
+  auto positive = [&](int64_t v, const char* f, int64_t max) {
     if (v <= 0) OPDLM_FAIL_AT(src, f, "must be positive, got ", v);
+    if (v > max) OPDLM_FAIL_AT(src, f, v, " exceeds the limit ", max, " (a corrupt or hostile config?)");
   };
-  positive(vocab_size, "vocab_size");
-  positive(hidden_size, "hidden_size");
-  positive(intermediate_size, "intermediate_size");
-  positive(num_hidden_layers, "num_hidden_layers");
-  positive(num_attention_heads, "num_attention_heads");
-  positive(num_key_value_heads, "num_key_value_heads");
-  positive(head_dim, "head_dim");
-  positive(max_position_embeddings, "max_position_embeddings");
+  positive(vocab_size, "vocab_size", L::kMaxVocab);
+  positive(hidden_size, "hidden_size", L::kMaxHidden);
+  positive(intermediate_size, "intermediate_size", L::kMaxIntermediate);
+  positive(num_hidden_layers, "num_hidden_layers", L::kMaxLayers);
+  positive(num_attention_heads, "num_attention_heads", L::kMaxHeads);
+  positive(num_key_value_heads, "num_key_value_heads", L::kMaxHeads);
+  positive(head_dim, "head_dim", L::kMaxHeadDim);
+  positive(max_position_embeddings, "max_position_embeddings", L::kMaxPositions);
   if (num_attention_heads % num_key_value_heads != 0)
     OPDLM_FAIL_AT(src, "num_key_value_heads", "num_attention_heads (", num_attention_heads,
                   ") must be a multiple of num_key_value_heads (", num_key_value_heads, ")");

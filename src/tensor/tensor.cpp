@@ -206,14 +206,15 @@ Tensor Tensor::columns(int64_t begin, int64_t end) const {
   const size_t es = dtype_size(dtype_), w = static_cast<size_t>(end - begin) * es;
   const auto* src = static_cast<const char*>(raw_data());
   auto* dst = static_cast<char*>(t.raw_data());
-  for (int64_t i = 0; i < shape_[0]; ++i) std::memcpy(dst + size_t(i) * w, src + size_t(i * shape_[1] + begin) * es, w);
+  // w == 0: an empty block has no storage (memcpy on null pointers is undefined even for 0 bytes).
+  for (int64_t i = 0; i < shape_[0] && w > 0; ++i) std::memcpy(dst + size_t(i) * w, src + size_t(i * shape_[1] + begin) * es, w);
   return t;
 }
 
 Tensor Tensor::clone() const {
   Tensor t = empty(shape_, dtype_, device_);
   if (nbytes() == 0) return t;
-  if (device_ == Device::cpu) std::memcpy(t.raw_data(), raw_data(), nbytes());
+  if (device_ == Device::cpu && nbytes() > 0) std::memcpy(t.raw_data(), raw_data(), nbytes());
   else detail::cuda_copy(t.raw_data(), device_, raw_data(), device_, nbytes());
   return t;
 }

@@ -109,6 +109,27 @@ std::string latest(const std::string& root) {
   return s;
 }
 
+// Found with fuzz_ckpt_manifest: a manifest field of the wrong JSON type escaped as a json exception;
+// a file name could leave the checkpoint directory.
+TEST(CheckpointCommit, AMalformedManifestIsAnErrorNamingTheField) {
+  const std::string root = fresh_dir("manifest");
+  commit(root, 1, 3);
+  const std::string dir = io::committed_checkpoints(root).at(0), m = dir + "/" + io::kCheckpointManifest;
+  auto with = [&](const std::string& text) {
+    std::ofstream(m, std::ios::trunc) << text;
+    return io::verify_checkpoint(dir);
+  };
+  EXPECT_ERROR_HAS(with(R"({"format": 1, "files": []})"), m.c_str(), "format", "not an opdlm checkpoint manifest");
+  EXPECT_ERROR_HAS(with(R"({"format": "opdlm-checkpoint-manifest", "files": [1]})"), "files[0]", "must be an object");
+  EXPECT_ERROR_HAS(with(R"({"format": "opdlm-checkpoint-manifest", "files": [{"name": 3}]})"), "files[0].name");
+  EXPECT_ERROR_HAS(with(R"({"format": "opdlm-checkpoint-manifest", "files": [{"name": "../x", "bytes": 1, "xxh3_64": ""}]})"),
+                   "files[0].name", "not a file name inside the checkpoint");
+  EXPECT_ERROR_HAS(with(R"({"format": "opdlm-checkpoint-manifest", "files": [{"name": "state.h5", "bytes": "1"}]})"),
+                   "files[0].bytes");
+  EXPECT_ERROR_HAS(with(R"({"format": "opdlm-checkpoint-manifest", "files": [{"name": "state.h5", "bytes": 1}]})"),
+                   "files[0].xxh3_64");
+}
+
 TEST(CheckpointCommit, LatestKeepAndTheNewestValidCheckpointIsChosenSayingWhy) {
   const std::string root = fresh_dir("commit");
   EXPECT_EQ(io::find_resumable_checkpoint(root, nullptr), "");  // nothing yet: a fresh start

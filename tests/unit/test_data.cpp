@@ -385,6 +385,10 @@ TEST(JsonlDataset, ErrorsNameFileLineAndField) {
   EXPECT_ERROR_HAS(load_with("{\"id\": 2, \"prompt\": \"x\", \"golds\": \"y\"}"), at3.c_str(), "field golds",
                    "unknown field");
   EXPECT_ERROR_HAS(load_with("{\"id\": 2, \"prompt\": \"x\""), at3.c_str(), "invalid JSON");
+  // Found by fuzz_jsonl: a number too large for a double is nlohmann's out_of_range, not a parse
+  // error; it escaped as an uncaught exception.
+  EXPECT_ERROR_HAS(load_with("{\"id\": 2, \"prompt\": \"x\", \"meta\": {\"seed\": 1e6345}}"), at3.c_str(),
+                   "invalid JSON", "number overflow");
   EXPECT_ERROR_HAS(load_with("[1, 2]"), at3.c_str(), "must be a JSON object");
   EXPECT_ERROR_HAS(load_with("{\"_header\": {}}"), at3.c_str(), "field _header", "only allowed first");
   EXPECT_ERROR_HAS(load_prompt_jsonl(d.file("none.jsonl")), "none.jsonl", "cannot open");

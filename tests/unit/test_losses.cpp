@@ -416,9 +416,13 @@ TEST(Divergence, BadInputs) {
                    "unsupported dtype bf16");
   EXPECT_ERROR_HAS(divergence_forward(Tensor({4, 9}, DType::f64), s, fk, nullptr), "'teacher_logp'", "dtype");
   EXPECT_ERROR_HAS(divergence_forward(Tensor({4, 0}), Tensor({4, 0}), fk, nullptr), "'student_logits'", "dimension 1");
-  for (int64_t K : {int64_t{0}, int64_t{-1}, int64_t{10}})
-    EXPECT_ERROR_HAS(divergence_forward(t, s, spec(Divergence::topk_forward_kl, 0, 0.5, K), nullptr),
-                     ("'topk' is " + std::to_string(K)).c_str(), "[1, 9]", "dimension 1 of 'student_logits'");
+  for (int64_t K : {int64_t{0}, int64_t{-1}, int64_t{10}}) {
+    // A named string: the macro keeps the char pointers past the full expression (ASan found the
+    // temporary's c_str() used after its end).
+    const std::string topk_is = "'topk' is " + std::to_string(K);
+    EXPECT_ERROR_HAS(divergence_forward(t, s, spec(Divergence::topk_forward_kl, 0, 0.5, K), nullptr), topk_is.c_str(),
+                     "[1, 9]", "dimension 1 of 'student_logits'");
+  }
   for (double a : {0.0, 1.0, -0.5, 1.5, double(NAN)})
     EXPECT_ERROR_HAS(divergence_forward(t, s, spec(Divergence::jsd, 0, a), nullptr), "'jsd_alpha'", "(0, 1)");
   for (double w : {-0.1, 1.1})

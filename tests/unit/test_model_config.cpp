@@ -64,6 +64,20 @@ TEST(Qwen3Config, ErrorsNameTheField) {
   EXPECT_ERROR_HAS(Qwen3Config::load("/nonexistent/config.json"), "/nonexistent/config.json");
 }
 
+// Sizes from a file are bounded before anything is allocated or multiplied (num_params would
+// overflow int64 on a hostile config).
+TEST(Qwen3Config, SizesAboveTheLimitsAreRefused) {
+  for (const char* key : {"vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                          "head_dim", "max_position_embeddings"}) {
+    auto j = qwen3_06b();
+    j[key] = int64_t{1} << 40;
+    EXPECT_ERROR_HAS(Qwen3Config::from_json(j, "cfg.json"), "cfg.json", key, "exceeds the limit");
+  }
+  auto j = qwen3_06b();
+  j["vocab_size"] = Qwen3ConfigLimits::kMaxVocab;  // the limit itself is allowed
+  EXPECT_EQ(Qwen3Config::from_json(j, "cfg.json").vocab_size, Qwen3ConfigLimits::kMaxVocab);
+}
+
 TEST(Qwen3Config, SaveAndLoadFile) {
   Qwen3Config c = Qwen3Config::from_json(qwen3_06b(), "x");
   c.mask_token_id = 151669;

@@ -42,7 +42,9 @@ std::string st_bytes(const std::string& header, const std::string& data, uint64_
 }
 
 bool same_bits(const Tensor& a, const Tensor& b) {
-  return a.dtype() == b.dtype() && a.shape() == b.shape() && std::memcmp(a.raw_data(), b.raw_data(), a.nbytes()) == 0;
+  // nbytes() == 0: empty tensors have no storage (memcmp of null pointers is undefined, UBSan).
+  return a.dtype() == b.dtype() && a.shape() == b.shape() &&
+         (a.nbytes() == 0 || std::memcmp(a.raw_data(), b.raw_data(), a.nbytes()) == 0);
 }
 
 uint32_t bits_of(float f) { return std::bit_cast<uint32_t>(f); }

@@ -531,3 +531,16 @@ TEST(BpeTrainer, Errors) {
 }
 
 }  // namespace
+
+// Id-indexed tables are sized by the largest id: an id far beyond the number of entries (a hostile or
+// corrupt tokenizer.json) is refused before anything is sized by it, in the model and in added tokens.
+TEST(TokenizerTiny, IdsFarBeyondTheVocabularyAreRefused) {
+  json j = tiny_json({"ab"}, json::array());
+  j["model"]["vocab"]["ab"] = 1 << 29;
+  EXPECT_ERROR_HAS(load(j), "tiny.json", "model.vocab[\"ab\"]", "out of range");
+  j = tiny_json({"ab"}, json::array(), json::array({added_token(1 << 29, "<|x|>", true)}));
+  EXPECT_ERROR_HAS(load(j), "tiny.json", "added_tokens[0].id", "far beyond");
+  // Reserved gaps of ordinary size are fine (Qwen3 pads its embedding past the last id).
+  j = tiny_json({"ab"}, json::array(), json::array({added_token(60000, "<|x|>", true)}));
+  EXPECT_EQ(load(j).vocab_size(), 60001);
+}

@@ -8,6 +8,19 @@
 
 namespace opdlm::model {
 
+// Upper bounds on the sizes a config.json may ask for, checked before anything is allocated: a
+// hostile or corrupt file must be an error, not a 100 GB allocation or an integer overflow. They are
+// far above any Qwen3 (151,936 ids, hidden 5,120, 64 layers, 64 heads, head_dim 128, FFN 25,600).
+struct Qwen3ConfigLimits {
+  static constexpr int64_t kMaxVocab = int64_t{1} << 24;
+  static constexpr int64_t kMaxHidden = int64_t{1} << 16;
+  static constexpr int64_t kMaxIntermediate = int64_t{1} << 20;
+  static constexpr int64_t kMaxLayers = int64_t{1} << 10;
+  static constexpr int64_t kMaxHeads = int64_t{1} << 10;
+  static constexpr int64_t kMaxHeadDim = int64_t{1} << 12;
+  static constexpr int64_t kMaxPositions = int64_t{1} << 24;
+};
+
 struct Qwen3Config {
   int64_t vocab_size = 0;
   int64_t hidden_size = 0;
@@ -31,7 +44,8 @@ struct Qwen3Config {
   static Qwen3Config load(const std::string& path);  // a config.json
   nlohmann::json to_json() const;                     // HF field names, model_type "qwen3"
   void save(const std::string& path) const;
-  // Positive sizes, heads divisible by KV heads, even head_dim, ids inside the vocabulary, eps > 0.
+  // Positive sizes within Qwen3ConfigLimits, heads divisible by KV heads, even head_dim, ids inside the
+  // vocabulary, eps > 0.
   void validate(const std::string& source) const;
 
   int64_t q_dim() const { return num_attention_heads * head_dim; }
