@@ -2,10 +2,10 @@
 // that the attention kernels iterate over (algorithm.md A 1 block grid, B 1.5 training layout).
 #include "opdlm/ops/mask.hpp"
 
-#include <algorithm>
 #include <sstream>
 
 #include "opdlm/base/error.hpp"
+#include "opdlm/ops/mask_rules.hpp"
 
 namespace opdlm::ops {
 
@@ -83,57 +83,18 @@ void MaskDescriptor::validate(int64_t tq, int64_t tk, const std::string& name) c
          ", more than Tk = ", tk);
 }
 
+// The rules live in ops/mask_rules.hpp, shared with the CUDA kernels.
+static_assert(static_cast<int>(MaskDescriptor::Kind::causal) == kMaskCausal &&
+                  static_cast<int>(MaskDescriptor::Kind::block_causal) == kMaskBlockCausal &&
+                  static_cast<int>(MaskDescriptor::Kind::training) == kMaskTraining,
+              "mask_rules.hpp kind values must match MaskDescriptor::Kind");
+
 int MaskDescriptor::ranges(int64_t q, int64_t tk, KeyRange out[2]) const {
-  const int64_t b = block_size;
-  const int64_t L0 = pad_left + prompt_len;
-  const int64_t t = q_offset + q;
-  switch (kind) {
-    case Kind::causal:
-      // A pad row's causal keys are all pads, which are removed: it attends to itself.
-      if (t < pad_left) {
-        out[0] = {t, t + 1};
-        return 1;
-      }
-      out[0] = {pad_left, t + 1};
-      return 1;
-    case Kind::block_causal:
-    case Kind::training: {
-      if (t < L0) {  // prompt or pad row: right-aligned prompt blocks, the last one ends at L0
-        const int64_t pi = (L0 - 1 - t) / b;
-        const int64_t end = L0 - pi * b;
-        // A pad row whose block holds no real prompt token is left empty: it attends to itself.
-        if (end <= pad_left) {
-          out[0] = {t, t + 1};
-          return 1;
-        }
-        out[0] = {pad_left, end};
-        return 1;
-      }
-      if (kind == Kind::block_causal) {
-        const int64_t beta = (t - L0) / b;
-        out[0] = {pad_left, std::min(L0 + (beta + 1) * b, tk)};
-        return 1;
-      }
-      const int64_t L1 = response_len;
-      if (t < L0 + L1) {  // clean row: prompt + clean blocks <= beta
-        const int64_t beta = (t - L0) / b;
-        out[0] = {pad_left, std::min(L0 + (beta + 1) * b, L0 + L1)};
-        return 1;
-      }
-      // Noisy row: prompt + clean blocks < beta (one range), then its own noisy block.
-      const int64_t beta = (t - L0 - L1) / b;
-      const KeyRange own{L0 + L1 + beta * b, std::min(L0 + L1 + (beta + 1) * b, L0 + 2 * L1)};
-      const int64_t ctx_end = L0 + beta * b;
-      if (ctx_end > pad_left) {
-        out[0] = {pad_left, ctx_end};
-        out[1] = own;
-        return 2;
-      }
-      out[0] = own;
-      return 1;
-    }
-  }
-  return 0;
+  int64_t beg[2] = {0, 0}, end[2] = {0, 0};
+  const int n = mask_ranges(static_cast<int>(kind), block_size, pad_left, prompt_len, response_len, q_offset, q,
+                            tk, beg, end);
+  for (int i = 0; i < n; ++i) out[i] = {beg[i], end[i]};
+  return n;
 }
 
 bool MaskDescriptor::allowed(int64_t q, int64_t k, int64_t tk) const {

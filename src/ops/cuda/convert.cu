@@ -1,10 +1,12 @@
 // CUDA twin of the CPU dtype conversion (tensor/bf16.hpp): f32 <-> bf16 with round-to-nearest-even,
-// bit-identical to the CPU path (tests/gpu/gpu_smoke.cpp compares them on a GPU).
+// bit-identical to the CPU path (tests/gpu/test_gpu_smoke.cpp compares them on a GPU). The
+// synchronous cuda_convert_* serve Tensor::to; cuda::convert is the stream form the model uses.
 #include <cuda_runtime.h>
 
 #include <cstdint>
 
 #include "opdlm/base/check.hpp"
+#include "opdlm/ops/cuda/ops_cuda.hpp"
 
 namespace opdlm::detail {
 
@@ -43,3 +45,30 @@ void cuda_convert_bf16_to_f32(const void* in, void* out, int64_t n) {
 }
 
 }  // namespace opdlm::detail
+
+namespace opdlm::cuda {
+
+// ---- convert on a stream -----------------------------------------------------------------------------
+
+void convert(const void* in, DType in_dt, void* out, DType out_dt, int64_t n, cudaStream_t stream) {
+  const bool ok_in = in_dt == DType::f32 || in_dt == DType::bf16;
+  const bool ok_out = out_dt == DType::f32 || out_dt == DType::bf16;
+  if (!ok_in || !ok_out)
+    OPDLM_FAIL("cuda::convert: ", dtype_name(in_dt), " -> ", dtype_name(out_dt),
+               " unsupported; expected f32 or bf16 on both sides");
+  if (n < 0) OPDLM_FAIL("cuda::convert: n is ", n);
+  if (n == 0) return;
+  if (in_dt == out_dt) {  // same dtype: a plain device copy, still ordered on `stream`
+    CUDA_CHECK(cudaMemcpyAsync(out, in, size_t(n) * dtype_size(in_dt), cudaMemcpyDeviceToDevice, stream));
+    return;
+  }
+  if (in_dt == DType::f32)
+    detail::k_f32_to_bf16<<<detail::grid_for(n), 256, 0, stream>>>(static_cast<const float*>(in),
+                                                                     static_cast<uint16_t*>(out), n);
+  else
+    detail::k_bf16_to_f32<<<detail::grid_for(n), 256, 0, stream>>>(static_cast<const uint16_t*>(in),
+                                                                     static_cast<float*>(out), n);
+  CUDA_CHECK(cudaGetLastError());
+}
+
+}  // namespace opdlm::cuda

@@ -1,0 +1,345 @@
+// CUDA twins of RMSNorm (ops/rmsnorm.hpp) and RoPE (ops/rope.hpp): same formulas and evaluation order
+// as the CPU's f32 path, row reductions in double, one rounding per store; the dw reduction over rows is
+// a fixed-order tree (no atomics), so it is deterministic.
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdint>
+
+#include "opdlm/base/check.hpp"
+#include "opdlm/ops/cuda/ops_cuda.hpp"
+
+namespace opdlm::cuda {
+namespace {
+
+// ---- helpers ---------------------------------------------------------------------------------------
+
+constexpr int kThreads = 256;  // row kernels: one 256-thread block per row
+
+__device__ __forceinline__ float to_f32(float x) { return x; }
+__device__ __forceinline__ float to_f32(__nv_bfloat16 x) { return __bfloat162float(x); }
+template <class T> __device__ __forceinline__ T from_f32(float x);
+template <> __device__ __forceinline__ float from_f32<float>(float x) { return x; }
+template <> __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
+
+template <class T> struct Tag { using type = T; };
+
+template <class F>
+void dispatch(DType dt, const char* fn, F&& f) {
+  if (dt == DType::f32) f(Tag<float>{});
+  else if (dt == DType::bf16) f(Tag<__nv_bfloat16>{});
+  else OPDLM_FAIL("cuda::", fn, ": dtype ", dtype_name(dt), " unsupported; expected f32 or bf16");
+}
+
+int grid_cap(int64_t blocks) { return static_cast<int>(std::clamp<int64_t>(blocks, 1, 65535)); }
+
+// Sum of v over a kThreads block in a fixed tree, returned to every thread. Ends with a barrier after
+// the last write, and callers put another barrier before `red` is written again.
+__device__ double block_sum(double v, double* red) {
+  red[threadIdx.x] = v;
+  __syncthreads();
+  for (int s = kThreads / 2; s > 0; s >>= 1) {
+    if (threadIdx.x < s) red[threadIdx.x] += red[threadIdx.x + s];
+    __syncthreads();
+  }
+  return red[0];
+}
+
+// ---- RMSNorm -------------------------------------------------------------------------------------------
+
+// Blocks stride over rows. y may alias x: each element is read and written by the same thread, after
+// the row's reduction.
+template <class T>
+__global__ void __launch_bounds__(kThreads)
+    k_rmsnorm_fwd(const T* x, const T* w, T* y, float* rstd, int64_t rows, int64_t D, double eps) {
+  __shared__ double red[kThreads];
+  for (int64_t r = blockIdx.x; r < rows; r += gridDim.x) {
+    const T* xr = x + r * D;
+    double ss = 0;
+    for (int64_t j = threadIdx.x; j < D; j += kThreads) {
+      const double v = to_f32(xr[j]);
+      ss += v * v;
+    }
+    ss = block_sum(ss, red);
+    const float rs = static_cast<float>(1.0 / sqrt(ss / double(D) + eps));  // as the CPU: double, then cast
+    if (rstd && threadIdx.x == 0) rstd[r] = rs;
+    T* yr = y + r * D;
+    for (int64_t j = threadIdx.x; j < D; j += kThreads) yr[j] = from_f32<T>(to_f32(xr[j]) * rs * to_f32(w[j]));
+    __syncthreads();  // red[0] is read by all before the next row overwrites red
+  }
+}
+
+// dx_j = r w_j dy_j - x_j c,  c = r^3 / D * sum_k dy_k w_k x_k. dx may alias x or dy (as in the forward).
+template <class T>
+__global__ void __launch_bounds__(kThreads) k_rmsnorm_dx(const T* x, const T* w, const float* rstd, const T* dy,
+                                                         T* dx, int64_t rows, int64_t D) {
+  __shared__ double red[kThreads];
+  for (int64_t r = blockIdx.x; r < rows; r += gridDim.x) {
+    const T* xr = x + r * D;
+    const T* gr = dy + r * D;
+    double dot = 0;
+    for (int64_t j = threadIdx.x; j < D; j += kThreads)
+      dot += double(to_f32(gr[j])) * double(to_f32(w[j])) * double(to_f32(xr[j]));
+    dot = block_sum(dot, red);
+    const float rs = rstd[r];
+    const double rsd = rs;
+    const float c = static_cast<float>(dot * rsd * rsd * rsd / double(D));
+    T* o = dx + r * D;
+    for (int64_t j = threadIdx.x; j < D; j += kThreads)
+      o[j] = from_f32<T>(rs * to_f32(w[j]) * to_f32(gr[j]) - to_f32(xr[j]) * c);
+    __syncthreads();
+  }
+}
+
+// Warp-per-row twins of the two kernels above for rows of at most kWarpRowMax elements (the per-head
+// q/k norms have D = head_dim = 128: a 256-thread block and 8 barriers per row left most threads idle).
+// The xor butterfly leaves the same bits in every lane, so the sum is deterministic.
+constexpr int64_t kWarpRowMax = 1024;
+constexpr int kWarpsPerBlock = kThreads / 32;
+
+__device__ double warp_sum(double v) {
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+template <class T>
+__global__ void __launch_bounds__(kThreads)
+    k_rmsnorm_fwd_warp(const T* x, const T* w, T* y, float* rstd, int64_t rows, int64_t D, double eps) {
+  const int lane = threadIdx.x % 32;
+  for (int64_t r = int64_t(blockIdx.x) * kWarpsPerBlock + threadIdx.x / 32; r < rows;
+       r += int64_t(gridDim.x) * kWarpsPerBlock) {
+    const T* xr = x + r * D;
+    double ss = 0;
+    for (int64_t j = lane; j < D; j += 32) {
+      const double v = to_f32(xr[j]);
+      ss += v * v;
+    }
+    ss = warp_sum(ss);
+    const float rs = static_cast<float>(1.0 / sqrt(ss / double(D) + eps));
+    if (rstd && lane == 0) rstd[r] = rs;
+    T* yr = y + r * D;
+    for (int64_t j = lane; j < D; j += 32) yr[j] = from_f32<T>(to_f32(xr[j]) * rs * to_f32(w[j]));
+  }
+}
+
+template <class T>
+__global__ void __launch_bounds__(kThreads) k_rmsnorm_dx_warp(const T* x, const T* w, const float* rstd, const T* dy,
+                                                              T* dx, int64_t rows, int64_t D) {
+  const int lane = threadIdx.x % 32;
+  for (int64_t r = int64_t(blockIdx.x) * kWarpsPerBlock + threadIdx.x / 32; r < rows;
+       r += int64_t(gridDim.x) * kWarpsPerBlock) {
+    const T* xr = x + r * D;
+    const T* gr = dy + r * D;
+    double dot = 0;
+    for (int64_t j = lane; j < D; j += 32) dot += double(to_f32(gr[j])) * double(to_f32(w[j])) * double(to_f32(xr[j]));
+    dot = warp_sum(dot);
+    const float rs = rstd[r];
+    const double rsd = rs;
+    const float c = static_cast<float>(dot * rsd * rsd * rsd / double(D));
+    T* o = dx + r * D;
+    // Every lane has read its elements of the row before writing them (dx may alias x or dy).
+    for (int64_t j = lane; j < D; j += 32) o[j] = from_f32<T>(rs * to_f32(w[j]) * to_f32(gr[j]) - to_f32(xr[j]) * c);
+  }
+}
+
+// dw_c += sum over rows of dy_c x_c r, summed in double. Block = kCols columns x kLanes row lanes: lane y
+// adds rows y, y + kLanes, ... in order, then the lanes are added in a fixed tree. kCols * sizeof(T) =
+// 32 bytes, one memory sector per row per warp-quarter. Blocks stride over column chunks.
+constexpr int kDwThreads = 512;
+
+template <class T, int kCols>
+__global__ void __launch_bounds__(kDwThreads)
+    k_rmsnorm_dw(const T* x, const float* rstd, const T* dy, float* dw, int64_t rows, int64_t D) {
+  constexpr int kLanes = kDwThreads / kCols;
+  __shared__ double red[kLanes][kCols];
+  const int tx = threadIdx.x, ty = threadIdx.y;
+  for (int64_t c0 = int64_t(blockIdx.x) * kCols; c0 < D; c0 += int64_t(gridDim.x) * kCols) {
+    const int64_t c = c0 + tx;
+    double acc = 0;
+    if (c < D)
+      for (int64_t r = ty; r < rows; r += kLanes)
+        acc += double(to_f32(dy[r * D + c])) * double(to_f32(x[r * D + c])) * double(rstd[r]);
+    red[ty][tx] = acc;
+    __syncthreads();
+    for (int s = kLanes / 2; s > 0; s >>= 1) {
+      if (ty < s) red[ty][tx] += red[ty + s][tx];
+      __syncthreads();
+    }
+    if (ty == 0 && c < D) dw[c] += static_cast<float>(red[0][tx]);
+    __syncthreads();  // red is rewritten for the next chunk
+  }
+}
+
+// Row-parallel dw for many rows (the per-head q/k norms: rows = tokens * heads, D = head_dim, where one
+// block per few columns leaves the GPU idle). Stage 1: block b sums rows [b * chunk, (b + 1) * chunk)
+// in order for every column (coalesced: threads walk the columns of a row) into partial[b, c] (f64).
+// Stage 2: one block per column sums the partials in a fixed tree. Deterministic for (rows, D).
+template <class T>
+__global__ void __launch_bounds__(kThreads)
+    k_rmsnorm_dw_partial(const T* x, const float* rstd, const T* dy, double* partial, int64_t rows, int64_t D,
+                         int64_t chunk) {
+  const int64_t r0 = int64_t(blockIdx.x) * chunk, r1 = r0 + chunk < rows ? r0 + chunk : rows;
+  for (int64_t c = threadIdx.x; c < D; c += kThreads) {
+    double acc = 0;
+    for (int64_t r = r0; r < r1; ++r)
+      acc += double(to_f32(dy[r * D + c])) * double(to_f32(x[r * D + c])) * double(rstd[r]);
+    partial[int64_t(blockIdx.x) * D + c] = acc;
+  }
+}
+
+__global__ void __launch_bounds__(kThreads)
+    k_rmsnorm_dw_finish(const double* partial, int64_t chunks, int64_t D, float* dw) {
+  __shared__ double red[kThreads];
+  for (int64_t c = blockIdx.x; c < D; c += gridDim.x) {
+    double acc = 0;
+    for (int64_t b = threadIdx.x; b < chunks; b += kThreads) acc += partial[b * D + c];
+    red[threadIdx.x] = acc;
+    __syncthreads();
+    for (int st = kThreads / 2; st > 0; st >>= 1) {
+      if (int(threadIdx.x) < st) red[threadIdx.x] += red[threadIdx.x + st];
+      __syncthreads();
+    }
+    if (threadIdx.x == 0) dw[c] += static_cast<float>(red[0]);
+    __syncthreads();
+  }
+}
+
+// Rows per stage-1 block: enough blocks to fill the GPU (~1024), at least 16 rows each.
+int64_t dw_chunk_rows(int64_t rows) { return std::max<int64_t>(16, (rows + 1023) / 1024); }
+
+// ---- RoPE ------------------------------------------------------------------------------------------
+
+// cos/sin[t, i] = cos/sin(pos[t] * inv_i), inv_i = 1 / theta^(2i / head_dim), all in double as the CPU.
+__global__ void k_rope_table(const int32_t* pos, int64_t tokens, int64_t half, double theta, float* c, float* s) {
+  const int64_t n = tokens * half;
+  for (int64_t k = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; k < n; k += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t t = k / half, i = k % half;
+    const double inv = 1.0 / pow(theta, double(2 * i) / double(2 * half));
+    const double a = double(pos[t]) * inv;
+    c[k] = static_cast<float>(cos(a));
+    s[k] = static_cast<float>(sin(a));
+  }
+}
+
+// x [tokens, heads, 2 half]: thread x walks the pairs (j, j + half) of a head, thread y picks the head
+// (row = t * heads + h); blocks stride over rows. The inverse rotates by -angle (the backward).
+template <class T>
+__global__ void k_rope(T* x, const float* cos_t, const float* sin_t, int64_t tokens, int64_t heads, int64_t half,
+                       bool inverse) {
+  const int64_t rows = tokens * heads;
+  for (int64_t row = int64_t(blockIdx.x) * blockDim.y + threadIdx.y; row < rows;
+       row += int64_t(gridDim.x) * blockDim.y) {
+    const int64_t t = row / heads;
+    const float* ct = cos_t + t * half;
+    const float* st = sin_t + t * half;
+    T* v = x + row * 2 * half;
+    for (int64_t j = threadIdx.x; j < half; j += blockDim.x) {
+      const float a = to_f32(v[j]), b = to_f32(v[j + half]), c = ct[j], s = st[j];
+      if (!inverse) {
+        v[j] = from_f32<T>(a * c - b * s);
+        v[j + half] = from_f32<T>(b * c + a * s);
+      } else {
+        v[j] = from_f32<T>(a * c + b * s);
+        v[j + half] = from_f32<T>(b * c - a * s);
+      }
+    }
+  }
+}
+
+}  // namespace
+
+// ---- host wrappers -------------------------------------------------------------------------------------
+
+void rmsnorm_forward(const void* x, const void* w, void* y, float* rstd, int64_t rows, int64_t D, double eps,
+                     DType dt, cudaStream_t stream) {
+  if (rows < 0 || D <= 0) OPDLM_FAIL("cuda::rmsnorm_forward: rows = ", rows, ", D = ", D, "; need rows >= 0, D > 0");
+  if (!(eps >= 0)) OPDLM_FAIL("cuda::rmsnorm_forward: eps = ", eps, " must be >= 0");
+  if (rows == 0) return;
+  dispatch(dt, "rmsnorm_forward", [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    if (D <= kWarpRowMax)
+      k_rmsnorm_fwd_warp<T><<<grid_cap((rows + kWarpsPerBlock - 1) / kWarpsPerBlock), kThreads, 0, stream>>>(
+          static_cast<const T*>(x), static_cast<const T*>(w), static_cast<T*>(y), rstd, rows, D, eps);
+    else
+      k_rmsnorm_fwd<T><<<grid_cap(rows), kThreads, 0, stream>>>(static_cast<const T*>(x), static_cast<const T*>(w),
+                                                                static_cast<T*>(y), rstd, rows, D, eps);
+  });
+  CUDA_CHECK(cudaGetLastError());
+}
+
+size_t rmsnorm_backward_scratch_bytes(int64_t rows, int64_t D) {
+  if (rows <= 0 || D <= 0) return 0;
+  const int64_t chunk = dw_chunk_rows(rows);
+  return size_t((rows + chunk - 1) / chunk) * size_t(D) * sizeof(double);
+}
+
+void rmsnorm_backward(const void* x, const void* w, const float* rstd, const void* dy, void* dx, float* dw,
+                      int64_t rows, int64_t D, DType dt, cudaStream_t stream, void* scratch) {
+  if (rows < 0 || D <= 0) OPDLM_FAIL("cuda::rmsnorm_backward: rows = ", rows, ", D = ", D, "; need rows >= 0, D > 0");
+  if (rows == 0 || (!dx && !dw)) return;
+  if (!rstd) OPDLM_FAIL("cuda::rmsnorm_backward: rstd is null; pass the forward's rstd [rows]");
+  dispatch(dt, "rmsnorm_backward", [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    // dw first: it reads x and dy, which dx may overwrite when it aliases them.
+    if (dw && scratch) {
+      const int64_t chunk = dw_chunk_rows(rows), chunks = (rows + chunk - 1) / chunk;
+      k_rmsnorm_dw_partial<T><<<grid_cap(chunks), kThreads, 0, stream>>>(
+          static_cast<const T*>(x), rstd, static_cast<const T*>(dy), static_cast<double*>(scratch), rows, D, chunk);
+      CUDA_CHECK(cudaGetLastError());
+      k_rmsnorm_dw_finish<<<grid_cap(D), kThreads, 0, stream>>>(static_cast<const double*>(scratch), chunks, D, dw);
+      CUDA_CHECK(cudaGetLastError());
+    } else if (dw) {
+      constexpr int kCols = 32 / int(sizeof(T));
+      const dim3 block(kCols, kDwThreads / kCols);
+      k_rmsnorm_dw<T, kCols><<<grid_cap((D + kCols - 1) / kCols), block, 0, stream>>>(
+          static_cast<const T*>(x), rstd, static_cast<const T*>(dy), dw, rows, D);
+      CUDA_CHECK(cudaGetLastError());
+    }
+    if (dx) {
+      if (D <= kWarpRowMax)
+        k_rmsnorm_dx_warp<T><<<grid_cap((rows + kWarpsPerBlock - 1) / kWarpsPerBlock), kThreads, 0, stream>>>(
+            static_cast<const T*>(x), static_cast<const T*>(w), rstd, static_cast<const T*>(dy), static_cast<T*>(dx),
+            rows, D);
+      else
+        k_rmsnorm_dx<T><<<grid_cap(rows), kThreads, 0, stream>>>(static_cast<const T*>(x), static_cast<const T*>(w),
+                                                                 rstd, static_cast<const T*>(dy), static_cast<T*>(dx),
+                                                                 rows, D);
+      CUDA_CHECK(cudaGetLastError());
+    }
+  });
+}
+
+void rope_table(const int32_t* positions, int64_t tokens, int64_t head_dim, double theta, float* cos, float* sin,
+                cudaStream_t stream) {
+  if (tokens < 0) OPDLM_FAIL("cuda::rope_table: tokens is ", tokens);
+  if (!(head_dim > 0 && head_dim % 2 == 0))
+    OPDLM_FAIL("cuda::rope_table: head_dim is ", head_dim, ", must be even and > 0 (rotate-half pairs)");
+  if (!(theta > 0)) OPDLM_FAIL("cuda::rope_table: theta = ", theta, " must be > 0");
+  if (tokens == 0) return;
+  const int64_t half = head_dim / 2;
+  k_rope_table<<<grid_cap((tokens * half + kThreads - 1) / kThreads), kThreads, 0, stream>>>(positions, tokens, half,
+                                                                                           theta, cos, sin);
+  CUDA_CHECK(cudaGetLastError());
+}
+
+void rope_inplace(void* x, const float* cos, const float* sin, int64_t tokens, int64_t heads, int64_t head_dim,
+                  bool inverse, DType dt, cudaStream_t stream) {
+  if (tokens < 0 || heads < 0) OPDLM_FAIL("cuda::rope_inplace: tokens = ", tokens, ", heads = ", heads);
+  if (!(head_dim > 0 && head_dim % 2 == 0))
+    OPDLM_FAIL("cuda::rope_inplace: head_dim is ", head_dim, ", must be even and > 0 (rotate-half pairs)");
+  if (tokens == 0 || heads == 0) return;
+  const int64_t half = head_dim / 2;
+  // Threads in x cover a head's pairs (a multiple of 32, at most 128), y fills the block up to 256.
+  const int bx = static_cast<int>(std::min<int64_t>((half + 31) / 32 * 32, 128));
+  const int by = kThreads / bx;
+  const int64_t rows = tokens * heads;
+  dispatch(dt, "rope_inplace", [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    k_rope<T><<<grid_cap((rows + by - 1) / by), dim3(bx, by), 0, stream>>>(static_cast<T*>(x), cos, sin, tokens,
+                                                                            heads, half, inverse);
+  });
+  CUDA_CHECK(cudaGetLastError());
+}
+
+}  // namespace opdlm::cuda
