@@ -1,8 +1,8 @@
 // GPU attention throughput: cuda::attention_forward / attention_backward in bf16 at B=8, T=1024, Hq=16,
 // Hkv=8, D=128 with the causal and the training masks, as TFLOP/s (4 D flops per allowed (q, k) pair
 // forward, 2.5 times that backward; pairs counted from the mask rules on the host) and as a fraction of
-// a dense cuBLAS bf16 GEMM (4096^3, f32 accumulation) measured in the same run. Rows: v2 (attention_fa2.cu,
-// the default), v1's tensor-core kernels ("fwd", "bwd": OPDLM_ATTN_IMPL=v1) and v1's scalar kernels.
+// a dense cuBLAS bf16 GEMM (4096^3, f32 accumulation) measured in the same run. Rows: v3 (attention_fa2.cu,
+// the default), v2 (OPDLM_ATTN_IMPL=v2), v1's tensor-core kernels ("fwd", "bwd": OPDLM_ATTN_IMPL=v1) and v1's scalar kernels.
 // Run: build-gpu/bench/opdlm_bench_attention   (exit 77 without a GPU)
 #include <cublas_v2.h>
 #include <cuda_runtime_api.h>
@@ -171,8 +171,11 @@ int main() {
       opdlm::cuda::attention_backward(q, k, v, o, lse, dout, dq, dk, dv, B, T, T, Hq, Hkv, D, masks, B, scale,
                                       scratch, dt, nullptr);
     };
-    // v2 (the default for bf16 at D 128: attention_fa2.cu), v1's tensor-core kernels (OPDLM_ATTN_IMPL=v1),
-    // then v1's scalar ones (OPDLM_ATTN_SCALAR=1).
+    // v3 (the default for bf16 at D 128: attention_fa2.cu), v2 (OPDLM_ATTN_IMPL=v2), v1's tensor-core
+    // kernels (OPDLM_ATTN_IMPL=v1), then v1's scalar ones (OPDLM_ATTN_SCALAR=1).
+    setenv("OPDLM_ATTN_IMPL", "v3", 1);
+    const double fwd_v3_ms = median_ms(fwd);
+    const double bwd_v3_ms = median_ms(bwd);
     setenv("OPDLM_ATTN_IMPL", "v2", 1);
     const double fwd_v2_ms = median_ms(fwd);
     const double bwd_v2_ms = median_ms(bwd);
@@ -187,7 +190,9 @@ int main() {
     struct Fig {
       const char* what;
       double ms, flops;
-    } figs[] = {{"fwd_v2", fwd_v2_ms, fwd_flops},
+    } figs[] = {{"fwd_v3", fwd_v3_ms, fwd_flops},
+                {"bwd_v3", bwd_v3_ms, bwd_flops},
+                {"fwd_v2", fwd_v2_ms, fwd_flops},
                 {"bwd_v2", bwd_v2_ms, bwd_flops},
                 {"fwd", fwd_ms, fwd_flops},
                 {"bwd", bwd_ms, bwd_flops},

@@ -8,6 +8,7 @@
 #include <cstring>
 #include <functional>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "gpu_test_util.hpp"
@@ -265,6 +266,7 @@ TEST_F(GpuElementwise, EmbeddingMatchesCpu) {
     check_embedding(257, 13, 77, dt, 410, stream);     // every id repeats many times
     check_embedding(512, 4099, 1024, dt, 420, stream);  // the real width
     check_embedding(300, 151936, 24, dt, 430, stream);  // the real vocabulary
+    check_embedding(2000, 3, 40, dt, 440, stream);      // ~670 tokens per id: runs over many id tiles
   }
 }
 
@@ -293,6 +295,118 @@ TEST_F(GpuElementwise, AddAccumulateScaleMatchCpu) {
       EXPECT_PARITY("add_inplace", dt, sh, download(dx.get(), dt, {n}), add_ref, t.atol, t.rtol);
       EXPECT_PARITY("accumulate_f32", dt, sh, download(dacc.get(), DType::f32, {n}), acc_ref, 1e-6, 1e-6);
       EXPECT_PARITY("scale_inplace", dt, sh, download(dxs.get(), dt, {n}), scale_ref, t.atol, t.rtol);
+    }
+}
+
+// ---- vector paths: tails and misaligned pointers ---------------------------------------------------
+
+// `x` uploaded as `dt` at element offset `off` of a buffer one element longer: off = 1 makes the pointer
+// miss 16-byte alignment (the scalar kernels), off = 0 keeps it (the 16-byte kernels and their tails).
+struct Placed {
+  DeviceBuffer buf;
+  void* ptr;
+};
+Placed place(const Tensor& x, DType dt, int64_t off) {
+  const size_t es = dtype_size(dt), bytes = size_t(x.numel()) * es;
+  DeviceBuffer src = upload(x, dt), buf(bytes + es);
+  void* p = static_cast<char*>(buf.get()) + size_t(off) * es;
+  if (bytes) CUDA_CHECK(cudaMemcpy(p, src.get(), bytes, cudaMemcpyDeviceToDevice));
+  return {std::move(buf), p};
+}
+
+// Runs every vectorised elementwise op at offsets 0 and 1 on the same data: both against the CPU, and the
+// two paths equal bit for bit (the vector kernels use the scalar kernels' per-element formulas).
+void check_vector_paths(int64_t n, DType dt, uint32_t seed, cudaStream_t stream) {
+  const float scale = -1.7f;
+  const Tensor x = rand_in({n}, seed, dt, -2.0, 2.0), d = rand_in({n}, seed + 1, dt);
+  const Tensor g = rand_in({n}, seed + 2, dt, -12.0, 12.0), u = rand_in({n}, seed + 3, dt, -2.0, 2.0);
+  const Tensor acc0 = test::random_tensor({n}, seed + 4, -1.0, 1.0, DType::f32);
+  Tensor add_ref = f64(x), acc_ref = f64(acc0), x_scaled = f64(x), scale_ref = f64(x);
+  ops::residual_add_inplace(add_ref, f64(d));
+  ops::scale_grads({&x_scaled}, double(scale));
+  ops::residual_backward(x_scaled, acc_ref);
+  ops::scale_grads({&scale_ref}, double(scale));
+  const Tensor h_ref = ops::swiglu_forward(f64(g).view({1, n}), f64(u).view({1, n}));
+  Tensor dg_ref, du_ref;
+  ops::swiglu_backward(f64(g).view({1, n}), f64(u).view({1, n}), f64(d).view({1, n}), &dg_ref, &du_ref);
+
+  Tensor got[2][7];  // [offset][add, acc, scale, swiglu h, dgate, dup, dgate alone]
+  for (int64_t off : {0, 1}) {
+    const std::string sh = dims({n}) + (off ? "+1" : "");
+    Placed px = place(x, dt, off), pd = place(d, dt, off), pacc = place(acc0, DType::f32, off);
+    Placed pxs = place(x, dt, off), pg = place(g, dt, off), pu = place(u, dt, off);
+    Placed ph = place(Tensor::zeros({n}, DType::f32), dt, off), pdg = place(Tensor::zeros({n}, DType::f32), dt, off);
+    Placed pdu = place(Tensor::zeros({n}, DType::f32), dt, off), pdg2 = place(Tensor::zeros({n}, DType::f32), dt, off);
+    cuda::accumulate_f32(static_cast<float*>(pacc.ptr), px.ptr, scale, n, dt, stream);
+    cuda::add_inplace(px.ptr, pd.ptr, n, dt, stream);
+    cuda::scale_inplace(pxs.ptr, scale, n, dt, stream);
+    cuda::swiglu_forward(pg.ptr, pu.ptr, ph.ptr, n, dt, stream);
+    cuda::swiglu_backward(pg.ptr, pu.ptr, pd.ptr, pdg.ptr, pdu.ptr, n, dt, stream);
+    cuda::swiglu_backward(pg.ptr, pu.ptr, pd.ptr, pdg2.ptr, nullptr, n, dt, stream);
+    const Tol t = tol_for(dt, Tol{1e-6, 1e-6}, kBf16Out);
+    const Tol ts = tol_for(dt, kF32, kBf16Out);
+    EXPECT_PARITY("add_inplace.vec", dt, sh, download(px.ptr, dt, {n}), add_ref, t.atol, t.rtol);
+    EXPECT_PARITY("accumulate_f32.vec", dt, sh, download(pacc.ptr, DType::f32, {n}), acc_ref, 1e-6, 1e-6);
+    EXPECT_PARITY("scale_inplace.vec", dt, sh, download(pxs.ptr, dt, {n}), scale_ref, t.atol, t.rtol);
+    EXPECT_PARITY("swiglu_fwd.vec", dt, sh, download(ph.ptr, dt, {n}), h_ref, ts.atol, ts.rtol);
+    EXPECT_PARITY("swiglu_bwd.dgate.vec", dt, sh, download(pdg.ptr, dt, {n}), dg_ref, ts.atol, ts.rtol);
+    EXPECT_PARITY("swiglu_bwd.dup.vec", dt, sh, download(pdu.ptr, dt, {n}), du_ref, ts.atol, ts.rtol);
+    Tensor* o = got[off];
+    o[0] = download_raw(px.ptr, dt, {n});
+    o[1] = download_raw(pacc.ptr, DType::f32, {n});
+    o[2] = download_raw(pxs.ptr, dt, {n});
+    o[3] = download_raw(ph.ptr, dt, {n});
+    o[4] = download_raw(pdg.ptr, dt, {n});
+    o[5] = download_raw(pdu.ptr, dt, {n});
+    o[6] = download_raw(pdg2.ptr, dt, {n});
+  }
+  const char* names[7] = {"add_inplace", "accumulate_f32", "scale_inplace", "swiglu_fwd", "swiglu_bwd.dgate",
+                          "swiglu_bwd.dup", "swiglu_bwd.dgate alone"};
+  for (int k = 0; k < 7; ++k)
+    EXPECT_TRUE(same_bytes(got[0][k], got[1][k])) << names[k] << ": vector and scalar paths differ, n " << n << " "
+                                                  << dtype_name(dt);
+  EXPECT_TRUE(same_bytes(got[0][6], got[0][4])) << "dgate alone, n " << n;
+}
+
+TEST_F(GpuElementwise, VectorPathsHandleTailsAndMisalignment) {
+  for (DType dt : kDtypes)
+    for (int64_t n : {int64_t{1}, int64_t{7}, int64_t{8}, int64_t{9}, int64_t{8 * 37 + 5}, int64_t{65536 + 3}})
+      check_vector_paths(n, dt, 700 + uint32_t(n % 97), stream);
+}
+
+TEST_F(GpuElementwise, ConvertVectorPathsHandleTailsAndMisalignment) {
+  for (int64_t n : {int64_t{1}, int64_t{7}, int64_t{9}, int64_t{8 * 37 + 5}, int64_t{65536 + 3}})
+    for (int64_t off : {0, 1}) {
+      Tensor x = test::random_tensor({n}, 800, -300.0, 300.0, DType::f32);
+      x.data<float>()[n - 1] = 1.00390625f;  // a tie in the tail: rounds to even
+      const Tensor cpu16 = x.to(DType::bf16);
+      Placed p32 = place(x, DType::f32, off);
+      Placed p16 = place(Tensor::zeros({n}, DType::f32), DType::bf16, off);
+      Placed back = place(Tensor::zeros({n}, DType::f32), DType::f32, off);
+      cuda::convert(p32.ptr, DType::f32, p16.ptr, DType::bf16, n, stream);
+      cuda::convert(p16.ptr, DType::bf16, back.ptr, DType::f32, n, stream);
+      EXPECT_TRUE(same_bytes(download_raw(p16.ptr, DType::bf16, {n}), cpu16)) << "f32->bf16, n " << n << "+" << off;
+      EXPECT_TRUE(same_bytes(download_raw(back.ptr, DType::f32, {n}), cpu16.to(DType::f32)))
+          << "bf16->f32, n " << n << "+" << off;
+    }
+}
+
+// RoPE with half a multiple of 8 (the 16-byte kernel) against the same data one element off (scalar).
+TEST_F(GpuElementwise, RopeVectorPathMatchesScalarPath) {
+  const int64_t tokens = 37, heads = 3, head_dim = 48, half = head_dim / 2, n = tokens * heads * head_dim;
+  std::vector<int32_t> pv(static_cast<size_t>(tokens));
+  for (int64_t t = 0; t < tokens; ++t) pv[size_t(t)] = int32_t(t * 7 % 101);
+  auto dpos = upload(Tensor::from_vector(pv, {tokens}), DType::i32);
+  DeviceBuffer dcos = dev_empty(tokens * half, DType::f32), dsin = dev_empty(tokens * half, DType::f32);
+  cuda::rope_table(dpos.as<int32_t>(), tokens, head_dim, 1e6, dcos.as<float>(), dsin.as<float>(), stream);
+  for (DType dt : kDtypes)
+    for (bool inverse : {false, true}) {
+      const Tensor x = rand_in({n}, 900 + uint32_t(inverse), dt);
+      Placed a = place(x, dt, 0), b = place(x, dt, 1);
+      cuda::rope_inplace(a.ptr, dcos.as<float>(), dsin.as<float>(), tokens, heads, head_dim, inverse, dt, stream);
+      cuda::rope_inplace(b.ptr, dcos.as<float>(), dsin.as<float>(), tokens, heads, head_dim, inverse, dt, stream);
+      EXPECT_TRUE(same_bytes(download_raw(a.ptr, dt, {n}), download_raw(b.ptr, dt, {n})))
+          << "rope vector vs scalar, inverse " << inverse << " " << dtype_name(dt);
     }
 }
 

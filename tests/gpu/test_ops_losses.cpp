@@ -6,6 +6,7 @@
 #include <cstdint>
 #include <limits>
 #include <string>
+#include <vector>
 
 #include "gpu_test_util.hpp"
 #include "opdlm/ops/cross_entropy.hpp"
@@ -152,6 +153,87 @@ TEST(GpuLosses, CrossEntropy) {
 
 // The real shape in the training dtype only: the CPU side (conversions, f64 reference) costs ~2 s a case.
 TEST(GpuLosses, CrossEntropyVocab151936) { check_cross_entropy(64, 151936, DType::bf16, 21, true, ops::kIgnoreIndex); }
+
+// Odd vocabularies: rows start at every 16-byte phase, so the one-pass forward and the 16-byte backward
+// run their scalar heads and tails. The backward also writes to a gradient buffer one element off
+// (z and dz rows out of phase: the scalar loop), which must give the same bits as the vector path.
+void check_cross_entropy_odd(int64_t n, int64_t V, DType dt, uint32_t seed) {
+  const std::string shape = shape_of(n, V) + " odd";
+  Tensor raw = test::random_tensor({n, V}, seed, -5.0, 5.0);
+  // Row 0 rises to its max at the end (a new running max almost every step); row 1 falls from it.
+  for (int64_t v = 0; v < V && n > 1; ++v) {
+    at(raw, 0, v) = -5.0 + 10.0 * double(v) / double(V);
+    at(raw, 1, v) = 5.0 - 10.0 * double(v) / double(V);
+  }
+  if (n > 2 && V > 3) at(raw, 2, 0) = at(raw, 2, V - 1) = -kInf;  // -inf in a head and in a tail
+  const Tensor logits = seen(raw, dt);
+  Tensor targets = test::random_ids({n}, seed + 1, static_cast<int32_t>(V));
+  if (n > 2) targets.data<int32_t>()[2] = static_cast<int32_t>(V / 2);  // a finite target in the -inf row
+  if (n > 3) targets.data<int32_t>()[3] = static_cast<int32_t>(V - 1);  // the target in a row's tail
+  if (n > 4) targets.data<int32_t>()[4] = 0;                            // ... and in its head
+  const Tensor dloss = test::random_tensor({n}, seed + 3, 0.5, 1.5).to(DType::f32).to(DType::f64);
+  Tensor lse_ref;
+  const Tensor loss_ref = ops::cross_entropy_forward(logits, targets, Tensor(), &lse_ref, ops::kIgnoreIndex);
+  const Tensor dz_ref = ops::cross_entropy_backward(logits, targets, Tensor(), lse_ref, dloss, ops::kIgnoreIndex);
+
+  const size_t es = dtype_size(dt), bytes = size_t(n * V) * es;
+  DeviceBuffer dz = upload(logits, dt), dtg = upload(targets, DType::i32), dg = upload(dloss, DType::f32);
+  DeviceBuffer dloss_out(size_t(n) * 4), dlse(size_t(n) * 4), dgrad(bytes), dgrad_off(bytes + es);
+  void* grad_off = static_cast<char*>(dgrad_off.get()) + es;
+  cuda::cross_entropy_forward(dz.get(), dtg.as<int32_t>(), nullptr, dloss_out.as<float>(), dlse.as<float>(), n, V,
+                              ops::kIgnoreIndex, dt, nullptr);
+  cuda::cross_entropy_backward(dz.get(), dtg.as<int32_t>(), nullptr, dlse.as<float>(), dg.as<float>(), dgrad.get(), n,
+                               V, ops::kIgnoreIndex, dt, nullptr);
+  cuda::cross_entropy_backward(dz.get(), dtg.as<int32_t>(), nullptr, dlse.as<float>(), dg.as<float>(), grad_off, n, V,
+                               ops::kIgnoreIndex, dt, nullptr);
+  EXPECT_PARITY("ce_fwd.loss.oddV", dt, shape, download(dloss_out.get(), DType::f32, {n}), loss_ref, kStatTol.atol,
+                kStatTol.rtol);
+  EXPECT_PARITY("ce_fwd.lse.oddV", dt, shape, download(dlse.get(), DType::f32, {n}), lse_ref, kLseTol.atol,
+                kLseTol.rtol);
+  const Tol t = elem_tol(dt);
+  EXPECT_PARITY("ce_bwd.dlogits.oddV", dt, shape, download(dgrad.get(), dt, {n, V}), dz_ref, t.atol, t.rtol);
+  std::vector<unsigned char> a(bytes), b(bytes);
+  CUDA_CHECK(cudaDeviceSynchronize());
+  CUDA_CHECK(cudaMemcpy(a.data(), dgrad.get(), bytes, cudaMemcpyDeviceToHost));
+  CUDA_CHECK(cudaMemcpy(b.data(), grad_off, bytes, cudaMemcpyDeviceToHost));
+  EXPECT_TRUE(a == b) << "ce_bwd: 16-byte and scalar paths differ, " << shape << " " << dtype_name(dt);
+}
+
+TEST(GpuLosses, CrossEntropyOddVocabulary) {
+  for (DType dt : kDts) {
+    check_cross_entropy_odd(9, 7, dt, 31);      // shorter than one 16-byte vector
+    check_cross_entropy_odd(9, 9, dt, 33);
+    check_cross_entropy_odd(13, 803, dt, 35);   // 8 * 100 + 3
+    check_cross_entropy_odd(5, 151935, dt, 37); // the real vocabulary minus one
+  }
+}
+
+// The one-pass log-sum-exp's special values: a NaN or +inf entry makes the row NaN (as the CPU's two
+// passes), -inf entries anywhere add nothing, and an all -inf row gives -inf.
+TEST(GpuLosses, LogSumExpSpecialValues) {
+  const int64_t n = 6, V = 1001;
+  const double nan = std::numeric_limits<double>::quiet_NaN();
+  for (DType dt : kDts) {
+    Tensor x = test::random_tensor({n, V}, 41, -6.0, 6.0);
+    at(x, 0, 500) = nan;
+    at(x, 1, 3) = kInf;
+    for (int64_t v = 0; v < V; v += 2) at(x, 2, v) = -kInf;
+    for (int64_t v = 0; v < V; ++v) at(x, 3, v) = -kInf;
+    at(x, 4, 0) = -kInf;
+    at(x, 4, V - 1) = 30.0;  // the max last: every earlier term rescaled
+    x = seen(x, dt);
+    const Tensor ref = ops::logsumexp_rows(x);
+    DeviceBuffer dx = upload(x, dt), dlse(size_t(n) * 4);
+    cuda::logsumexp_rows(dx.get(), dlse.as<float>(), n, V, dt, nullptr);
+    const Tensor got = download(dlse.get(), DType::f32, {n});
+    EXPECT_TRUE(std::isnan(got.data<double>()[0])) << "NaN entry, " << dtype_name(dt);
+    EXPECT_TRUE(std::isnan(got.data<double>()[1])) << "+inf entry, " << dtype_name(dt);
+    EXPECT_TRUE(std::isinf(got.data<double>()[3]) && got.data<double>()[3] < 0) << "all -inf row, " << dtype_name(dt);
+    for (int64_t i : {2, 4, 5})
+      EXPECT_NEAR(got.data<double>()[i], ref.data<double>()[i], 1e-6 + 2e-6 * std::abs(ref.data<double>()[i]))
+          << "row " << i << ", " << dtype_name(dt);
+  }
+}
 
 // ---- the divergence family ---------------------------------------------------------------------------
 

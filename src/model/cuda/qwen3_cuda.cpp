@@ -218,6 +218,7 @@ void Qwen3CudaModel::carve_activations(Carver& cv) {
     a.rstd_mid = cv.take_n<float>(n, "rstd_mid");
     a.gate = act(n * I, "gate");
     a.up = act(n * I, "up");
+    if (trainable_ && !budget_.recompute) a.act = act(n * I, "swiglu output");
   }
   h_ = act(n * H, "norm output");
   act_ = act(n * I, "swiglu output");
@@ -395,8 +396,9 @@ void Qwen3CudaModel::layer_forward(int64_t l, const void* x_in, const LayerActs&
   rmsnorm_forward(a.x_mid, w(L.post_norm), h_, a.rstd_mid, n, H, eps, dt_, stream_);
   blas_->linear_forward(h_, w(L.gate_proj), a.gate, n, H, I, dt_, stream_);
   blas_->linear_forward(h_, w(L.up_proj), a.up, n, H, I, dt_, stream_);
-  swiglu_forward(a.gate, a.up, act_, n * I, dt_, stream_);
-  blas_->linear_forward(act_, w(L.down_proj), x_out, n, I, H, dt_, stream_);
+  void* h_act = a.act ? a.act : act_;
+  swiglu_forward(a.gate, a.up, h_act, n * I, dt_, stream_);
+  blas_->linear_forward(h_act, w(L.down_proj), x_out, n, I, H, dt_, stream_);
   add_inplace(x_out, a.x_mid, n * H, dt_, stream_);
 }
 
@@ -469,8 +471,12 @@ void Qwen3CudaModel::layer_backward(int64_t l, const void* x_in, const LayerActs
 
   // MLP block (norm output and SwiGLU product recomputed, as the CPU model).
   rmsnorm_forward(a.x_mid, w(L.post_norm), h_, nullptr, n, H, eps, dt_, stream_);
-  swiglu_forward(a.gate, a.up, act_, n * I, dt_, stream_);
-  blas_->linear_backward(act_, w(L.down_proj), dx_, dact_, g(L.down_proj), n, I, H, dt_, stream_);
+  const void* h_act = a.act;
+  if (!h_act) {
+    swiglu_forward(a.gate, a.up, act_, n * I, dt_, stream_);
+    h_act = act_;
+  }
+  blas_->linear_backward(h_act, w(L.down_proj), dx_, dact_, g(L.down_proj), n, I, H, dt_, stream_);
   swiglu_backward(a.gate, a.up, dact_, dgate_, dup_, n * I, dt_, stream_);
   blas_->linear_backward(h_, w(L.gate_proj), dgate_, nullptr, g(L.gate_proj), n, H, I, dt_, stream_);
   blas_->linear_backward(h_, w(L.up_proj), dup_, nullptr, g(L.up_proj), n, H, I, dt_, stream_);

@@ -6,6 +6,7 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 
 #include "opdlm/base/check.hpp"
@@ -46,21 +47,138 @@ void check_n(int64_t n, const char* fn) {
 #define OPDLM_GRID_STRIDE(i, n) \
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < (n); i += int64_t(gridDim.x) * blockDim.x)
 
+// ---- 16-byte vector access -----------------------------------------------------------------------------
+
+// The vector kernels move kW = 8 elements per access (one 16-byte load for bf16, two for f32) when every
+// pointer is 16-byte aligned; elements past the last whole vector go through the scalar formula. Each
+// element still gets the scalar kernel's formula (shared __device__ functions), so results are identical.
+constexpr int kW = 8;
+
+__device__ __forceinline__ void ld8(const float* p, float (&f)[kW]) {
+  const float4 a = reinterpret_cast<const float4*>(p)[0], b = reinterpret_cast<const float4*>(p)[1];
+  f[0] = a.x; f[1] = a.y; f[2] = a.z; f[3] = a.w; f[4] = b.x; f[5] = b.y; f[6] = b.z; f[7] = b.w;
+}
+// bf16 -> f32 is exact: the 16 bits become the high half of the f32 (element 0 is the low half-word).
+__device__ __forceinline__ void ld8(const __nv_bfloat16* p, float (&f)[kW]) {
+  const uint4 u = *reinterpret_cast<const uint4*>(p);
+  const uint32_t w[4] = {u.x, u.y, u.z, u.w};
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    f[2 * j] = __uint_as_float(w[j] << 16);
+    f[2 * j + 1] = __uint_as_float(w[j] & 0xffff0000u);
+  }
+}
+__device__ __forceinline__ void st8(float* p, const float (&f)[kW]) {
+  reinterpret_cast<float4*>(p)[0] = make_float4(f[0], f[1], f[2], f[3]);
+  reinterpret_cast<float4*>(p)[1] = make_float4(f[4], f[5], f[6], f[7]);
+}
+// One rounding per element (from_f32, as the scalar store), then packed two per word.
+__device__ __forceinline__ void st8(__nv_bfloat16* p, const float (&f)[kW]) {
+  uint32_t w[4];
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    const uint32_t lo = __bfloat16_as_ushort(__float2bfloat16_rn(f[2 * j]));
+    const uint32_t hi = __bfloat16_as_ushort(__float2bfloat16_rn(f[2 * j + 1]));
+    w[j] = lo | (hi << 16);
+  }
+  *reinterpret_cast<uint4*>(p) = make_uint4(w[0], w[1], w[2], w[3]);
+}
+
+bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
+
+// Streaming multiprocessors of the current device, cached per device (the lookup is not free).
+int sm_count() {
+  static std::atomic<int> cache[64];
+  int dev = 0;
+  CUDA_CHECK(cudaGetDevice(&dev));
+  if (dev < 0 || dev >= 64) dev = 0;
+  int sms = cache[dev].load(std::memory_order_relaxed);
+  if (sms <= 0) {
+    CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+    if (sms <= 0) sms = 1;
+    cache[dev].store(sms, std::memory_order_relaxed);
+  }
+  return sms;
+}
+
+// Blocks for a vector kernel over n elements: enough for the vectors, at most one full-occupancy wave
+// (8 blocks of 256 threads per SM); the grid-stride loops cover the rest.
+int grid_vec(int64_t n) {
+  const int64_t want = (n / kW + kThreads - 1) / kThreads;
+  return static_cast<int>(std::clamp<int64_t>(want, 1, int64_t(sm_count()) * 8));
+}
+
 // ---- residual and elementwise ------------------------------------------------------------------------
+
+// Per-element formulas, shared by the scalar and the vector kernels (so both give the same bits).
+__device__ __forceinline__ float add_op(float x, float d) { return x + d; }
+__device__ __forceinline__ float acc_op(float acc, float x, float scale) { return acc + x * scale; }
+__device__ __forceinline__ float scale_op(float x, float scale) { return x * scale; }
 
 template <class T>
 __global__ void k_add_inplace(T* x, const T* d, int64_t n) {
-  OPDLM_GRID_STRIDE(i, n) x[i] = from_f32<T>(to_f32(x[i]) + to_f32(d[i]));
+  OPDLM_GRID_STRIDE(i, n) x[i] = from_f32<T>(add_op(to_f32(x[i]), to_f32(d[i])));
+}
+
+// Vector kernels: whole vectors [0, n / kW) by grid stride, then the tail elements one per thread.
+template <class T>
+__global__ void k_add_inplace_vec(T* x, const T* d, int64_t n) {
+  const int64_t nv = n / kW;
+  OPDLM_GRID_STRIDE(k, nv) {
+    float a[kW], b[kW];
+    ld8(x + k * kW, a);
+    ld8(d + k * kW, b);
+#pragma unroll
+    for (int j = 0; j < kW; ++j) a[j] = add_op(a[j], b[j]);
+    st8(x + k * kW, a);
+  }
+  OPDLM_GRID_STRIDE(t, n - nv * kW) {
+    const int64_t i = nv * kW + t;
+    x[i] = from_f32<T>(add_op(to_f32(x[i]), to_f32(d[i])));
+  }
 }
 
 template <class T>
 __global__ void k_accumulate(float* acc, const T* x, float scale, int64_t n) {
-  OPDLM_GRID_STRIDE(i, n) acc[i] += to_f32(x[i]) * scale;
+  OPDLM_GRID_STRIDE(i, n) acc[i] = acc_op(acc[i], to_f32(x[i]), scale);
+}
+
+template <class T>
+__global__ void k_accumulate_vec(float* acc, const T* x, float scale, int64_t n) {
+  const int64_t nv = n / kW;
+  OPDLM_GRID_STRIDE(k, nv) {
+    float a[kW], b[kW];
+    ld8(acc + k * kW, a);
+    ld8(x + k * kW, b);
+#pragma unroll
+    for (int j = 0; j < kW; ++j) a[j] = acc_op(a[j], b[j], scale);
+    st8(acc + k * kW, a);
+  }
+  OPDLM_GRID_STRIDE(t, n - nv * kW) {
+    const int64_t i = nv * kW + t;
+    acc[i] = acc_op(acc[i], to_f32(x[i]), scale);
+  }
 }
 
 template <class T>
 __global__ void k_scale(T* x, float scale, int64_t n) {
-  OPDLM_GRID_STRIDE(i, n) x[i] = from_f32<T>(to_f32(x[i]) * scale);
+  OPDLM_GRID_STRIDE(i, n) x[i] = from_f32<T>(scale_op(to_f32(x[i]), scale));
+}
+
+template <class T>
+__global__ void k_scale_vec(T* x, float scale, int64_t n) {
+  const int64_t nv = n / kW;
+  OPDLM_GRID_STRIDE(k, nv) {
+    float a[kW];
+    ld8(x + k * kW, a);
+#pragma unroll
+    for (int j = 0; j < kW; ++j) a[j] = scale_op(a[j], scale);
+    st8(x + k * kW, a);
+  }
+  OPDLM_GRID_STRIDE(t, n - nv * kW) {
+    const int64_t i = nv * kW + t;
+    x[i] = from_f32<T>(scale_op(to_f32(x[i]), scale));
+  }
 }
 
 // ---- SwiGLU --------------------------------------------------------------------------------------------
@@ -72,22 +190,73 @@ __device__ __forceinline__ float sigmoid(float g) {
   return e / (1.f + e);
 }
 
+__device__ __forceinline__ float swiglu_op(float g, float u) { return g * sigmoid(g) * u; }
+
+// silu'(g) = s + g s (1 - s), s = sigmoid(g).
+__device__ __forceinline__ void swiglu_bwd_op(float g, float u, float d, float& dg, float& du) {
+  const float s = sigmoid(g);
+  dg = d * u * (s + g * s * (1.f - s));
+  du = d * g * s;
+}
+
 template <class T>
 __global__ void k_swiglu_fwd(const T* gate, const T* up, T* h, int64_t n) {
-  OPDLM_GRID_STRIDE(i, n) {
-    const float g = to_f32(gate[i]);
-    h[i] = from_f32<T>(g * sigmoid(g) * to_f32(up[i]));
+  OPDLM_GRID_STRIDE(i, n) h[i] = from_f32<T>(swiglu_op(to_f32(gate[i]), to_f32(up[i])));
+}
+
+template <class T>
+__global__ void k_swiglu_fwd_vec(const T* gate, const T* up, T* h, int64_t n) {
+  const int64_t nv = n / kW;
+  OPDLM_GRID_STRIDE(k, nv) {
+    float g[kW], u[kW];
+    ld8(gate + k * kW, g);
+    ld8(up + k * kW, u);
+#pragma unroll
+    for (int j = 0; j < kW; ++j) g[j] = swiglu_op(g[j], u[j]);
+    st8(h + k * kW, g);
+  }
+  OPDLM_GRID_STRIDE(t, n - nv * kW) {
+    const int64_t i = nv * kW + t;
+    h[i] = from_f32<T>(swiglu_op(to_f32(gate[i]), to_f32(up[i])));
   }
 }
 
-// silu'(g) = s + g s (1 - s), s = sigmoid(g). Inputs are read before the stores (dg/du may alias them).
+// Inputs are read before the stores (dg/du may alias them).
 template <class T>
 __global__ void k_swiglu_bwd(const T* gate, const T* up, const T* dh, T* dg, T* du, int64_t n) {
   OPDLM_GRID_STRIDE(i, n) {
-    const float g = to_f32(gate[i]), u = to_f32(up[i]), d = to_f32(dh[i]);
-    const float s = sigmoid(g);
-    if (dg) dg[i] = from_f32<T>(d * u * (s + g * s * (1.f - s)));
-    if (du) du[i] = from_f32<T>(d * g * s);
+    float a, b;
+    swiglu_bwd_op(to_f32(gate[i]), to_f32(up[i]), to_f32(dh[i]), a, b);
+    if (dg) dg[i] = from_f32<T>(a);
+    if (du) du[i] = from_f32<T>(b);
+  }
+}
+
+// Each thread loads its whole vector of every input before storing, so aliasing stays safe.
+template <class T>
+__global__ void k_swiglu_bwd_vec(const T* gate, const T* up, const T* dh, T* dg, T* du, int64_t n) {
+  const int64_t nv = n / kW;
+  OPDLM_GRID_STRIDE(k, nv) {
+    float g[kW], u[kW], d[kW];
+    ld8(gate + k * kW, g);
+    ld8(up + k * kW, u);
+    ld8(dh + k * kW, d);
+#pragma unroll
+    for (int j = 0; j < kW; ++j) {
+      float a, b;
+      swiglu_bwd_op(g[j], u[j], d[j], a, b);
+      g[j] = a;
+      u[j] = b;
+    }
+    if (dg) st8(dg + k * kW, g);
+    if (du) st8(du + k * kW, u);
+  }
+  OPDLM_GRID_STRIDE(t, n - nv * kW) {
+    const int64_t i = nv * kW + t;
+    float a, b;
+    swiglu_bwd_op(to_f32(gate[i]), to_f32(up[i]), to_f32(dh[i]), a, b);
+    if (dg) dg[i] = from_f32<T>(a);
+    if (du) du[i] = from_f32<T>(b);
   }
 }
 
@@ -103,26 +272,56 @@ __global__ void k_embedding_fwd(const T* table, const int32_t* ids, T* out, int6
   }
 }
 
-// Scatter-add, deterministic without scratch or atomics: thread (column c, vocabulary slice y) owns the
-// elements dtable[v, c] for v in its slice and walks ALL tokens in order, adding those whose id falls in
-// the slice. Each element has one owner and the CPU's token order (so f32 gives the CPU's bits); the
-// slices only add parallelism. Ids are staged through shared memory a tile at a time.
-constexpr int kIdTile = 1024;
-
+// Scatter-add, deterministic without scratch or atomics: the block of token i does nothing unless i is
+// the FIRST token with its id; that leader then owns the row dtable[id, :] and adds dy[j, :] for every
+// token j >= i with the same id, in token order (so f32 gives the CPU's bits). Ids are scanned a tile of
+// kThreads at a time (one per thread); the leader compacts a tile's matches, in order, into shared memory
+// with a ballot and per-warp prefix, then its threads sweep the row's columns over that list.
 template <class T>
-__global__ void k_embedding_bwd(const int32_t* ids, const T* dy, float* dtable, int64_t n, int64_t V, int64_t D) {
-  __shared__ int32_t s_ids[kIdTile];
-  const int64_t c = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
-  const int64_t v0 = V * blockIdx.y / gridDim.y, v1 = V * (blockIdx.y + 1) / gridDim.y;
-  for (int64_t i0 = 0; i0 < n; i0 += kIdTile) {
-    const int64_t m = min(int64_t(kIdTile), n - i0);
-    __syncthreads();  // the previous tile is consumed
-    for (int64_t k = threadIdx.x; k < m; k += blockDim.x) s_ids[k] = ids[i0 + k];
-    __syncthreads();
-    if (c >= D) continue;  // no early return: every thread takes part in the barriers
-    for (int64_t k = 0; k < m; ++k) {
-      const int64_t v = s_ids[k];
-      if (v >= v0 && v < v1) dtable[v * D + c] += to_f32(dy[(i0 + k) * D + c]);
+__global__ void __launch_bounds__(kThreads)
+    k_embedding_bwd(const int32_t* ids, const T* dy, float* dtable, int64_t n, int64_t V, int64_t D) {
+  constexpr int kWarps = kThreads / 32;
+  __shared__ int64_t s_match[kThreads];  // token indices of this tile's matches, in order
+  __shared__ int s_warp[kWarps];         // matches per warp in this tile
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  for (int64_t i = blockIdx.x; i < n; i += gridDim.x) {
+    const int32_t id = ids[i];  // the same for the whole block
+    if (id < 0 || int64_t(id) >= V) continue;  // out of range: skipped, as before (the caller checks ids)
+    // Is there an earlier token with this id? Block-uniform answer through __syncthreads_or.
+    bool earlier = false;
+    for (int64_t j0 = 0; j0 < i && !earlier; j0 += 4 * kThreads) {  // 4 ids per thread per barrier
+      bool hit = false;
+#pragma unroll
+      for (int q = 0; q < 4; ++q) {
+        const int64_t j = j0 + q * kThreads + threadIdx.x;
+        hit = hit || (j < i && ids[j] == id);
+      }
+      earlier = __syncthreads_or(hit) != 0;
+    }
+    if (earlier) continue;
+    float* row = dtable + int64_t(id) * D;
+    for (int64_t j0 = i; j0 < n; j0 += kThreads) {
+      const int64_t j = j0 + threadIdx.x;
+      const bool match = j < n && ids[j] == id;
+      const unsigned ballot = __ballot_sync(0xffffffffu, match);
+      if (lane == 0) s_warp[warp] = __popc(ballot);
+      __syncthreads();
+      int before = 0, total = 0;
+      for (int w = 0; w < kWarps; ++w) {
+        if (w < warp) before += s_warp[w];
+        total += s_warp[w];
+      }
+      if (match) s_match[before + __popc(ballot & ((1u << lane) - 1u))] = j;
+      __syncthreads();
+      if (total > 0) {  // block-uniform
+        for (int64_t c = threadIdx.x; c < D; c += blockDim.x) {
+          float a = row[c];
+#pragma unroll 8
+          for (int k = 0; k < total; ++k) a += to_f32(dy[s_match[k] * D + c]);  // token order
+          row[c] = a;
+        }
+      }
+      __syncthreads();  // s_match and s_warp are rewritten by the next tile
     }
   }
 }
@@ -177,7 +376,10 @@ void add_inplace(void* x, const void* delta, int64_t n, DType dt, cudaStream_t s
   if (n == 0) return;
   dispatch(dt, "add_inplace", [&](auto tag) {
     using T = typename decltype(tag)::type;
-    k_add_inplace<T><<<grid_1d(n), kThreads, 0, stream>>>(static_cast<T*>(x), static_cast<const T*>(delta), n);
+    if (aligned16(x) && aligned16(delta))
+      k_add_inplace_vec<T><<<grid_vec(n), kThreads, 0, stream>>>(static_cast<T*>(x), static_cast<const T*>(delta), n);
+    else
+      k_add_inplace<T><<<grid_1d(n), kThreads, 0, stream>>>(static_cast<T*>(x), static_cast<const T*>(delta), n);
   });
   CUDA_CHECK(cudaGetLastError());
 }
@@ -187,7 +389,10 @@ void accumulate_f32(float* acc, const void* x, float scale, int64_t n, DType dt,
   if (n == 0) return;
   dispatch(dt, "accumulate_f32", [&](auto tag) {
     using T = typename decltype(tag)::type;
-    k_accumulate<T><<<grid_1d(n), kThreads, 0, stream>>>(acc, static_cast<const T*>(x), scale, n);
+    if (aligned16(acc) && aligned16(x))
+      k_accumulate_vec<T><<<grid_vec(n), kThreads, 0, stream>>>(acc, static_cast<const T*>(x), scale, n);
+    else
+      k_accumulate<T><<<grid_1d(n), kThreads, 0, stream>>>(acc, static_cast<const T*>(x), scale, n);
   });
   CUDA_CHECK(cudaGetLastError());
 }
@@ -197,7 +402,10 @@ void scale_inplace(void* x, float scale, int64_t n, DType dt, cudaStream_t strea
   if (n == 0) return;
   dispatch(dt, "scale_inplace", [&](auto tag) {
     using T = typename decltype(tag)::type;
-    k_scale<T><<<grid_1d(n), kThreads, 0, stream>>>(static_cast<T*>(x), scale, n);
+    if (aligned16(x))
+      k_scale_vec<T><<<grid_vec(n), kThreads, 0, stream>>>(static_cast<T*>(x), scale, n);
+    else
+      k_scale<T><<<grid_1d(n), kThreads, 0, stream>>>(static_cast<T*>(x), scale, n);
   });
   CUDA_CHECK(cudaGetLastError());
 }
@@ -207,8 +415,12 @@ void swiglu_forward(const void* gate, const void* up, void* h, int64_t n, DType 
   if (n == 0) return;
   dispatch(dt, "swiglu_forward", [&](auto tag) {
     using T = typename decltype(tag)::type;
-    k_swiglu_fwd<T><<<grid_1d(n), kThreads, 0, stream>>>(static_cast<const T*>(gate), static_cast<const T*>(up),
-                                                         static_cast<T*>(h), n);
+    const T* g = static_cast<const T*>(gate);
+    const T* u = static_cast<const T*>(up);
+    if (aligned16(gate) && aligned16(up) && aligned16(h))
+      k_swiglu_fwd_vec<T><<<grid_vec(n), kThreads, 0, stream>>>(g, u, static_cast<T*>(h), n);
+    else
+      k_swiglu_fwd<T><<<grid_1d(n), kThreads, 0, stream>>>(g, u, static_cast<T*>(h), n);
   });
   CUDA_CHECK(cudaGetLastError());
 }
@@ -219,9 +431,14 @@ void swiglu_backward(const void* gate, const void* up, const void* dh, void* dga
   if (n == 0 || (!dgate && !dup)) return;
   dispatch(dt, "swiglu_backward", [&](auto tag) {
     using T = typename decltype(tag)::type;
-    k_swiglu_bwd<T><<<grid_1d(n), kThreads, 0, stream>>>(static_cast<const T*>(gate), static_cast<const T*>(up),
-                                                         static_cast<const T*>(dh), static_cast<T*>(dgate),
-                                                         static_cast<T*>(dup), n);
+    const T* g = static_cast<const T*>(gate);
+    const T* u = static_cast<const T*>(up);
+    const T* d = static_cast<const T*>(dh);
+    // A null output counts as aligned (it is never written).
+    if (aligned16(gate) && aligned16(up) && aligned16(dh) && aligned16(dgate) && aligned16(dup))
+      k_swiglu_bwd_vec<T><<<grid_vec(n), kThreads, 0, stream>>>(g, u, d, static_cast<T*>(dgate), static_cast<T*>(dup), n);
+    else
+      k_swiglu_bwd<T><<<grid_1d(n), kThreads, 0, stream>>>(g, u, d, static_cast<T*>(dgate), static_cast<T*>(dup), n);
   });
   CUDA_CHECK(cudaGetLastError());
 }
@@ -248,10 +465,8 @@ void embedding_backward(const int32_t* ids, const void* dy, float* dtable, int64
   if (V == 0) OPDLM_FAIL("cuda::embedding_backward: empty table (V = 0) for ", n, " ids");
   dispatch(dt, "embedding_backward", [&](auto tag) {
     using T = typename decltype(tag)::type;
-    const int64_t col_blocks = (D + kThreads - 1) / kThreads;
-    // About 512 blocks in all; each vocabulary slice rescans the ids (cheap, from shared memory).
-    const int64_t slices = std::clamp<int64_t>(512 / col_blocks, 1, std::min<int64_t>(V, 65535));
-    const dim3 grid(static_cast<unsigned>(col_blocks), static_cast<unsigned>(slices));
+    // One block per token (a grid stride past 65535); only the first token of each id does the work.
+    const int grid = static_cast<int>(std::min<int64_t>(n, 65535));
     k_embedding_bwd<T><<<grid, kThreads, 0, stream>>>(ids, static_cast<const T*>(dy), dtable, n, V, D);
   });
   CUDA_CHECK(cudaGetLastError());

@@ -113,13 +113,98 @@ __device__ double row_lse(const T* x, int64_t V, double* sh) {
   return static_cast<double>(m) + log(s);
 }
 
+// ---- vectorised row access and the one-pass log-sum-exp ---------------------------------------------
+
+constexpr int kW = 8;  // elements per 16-byte access (bf16: one uint4; f32: two float4)
+
+__device__ __forceinline__ void ld8(const float* p, float (&f)[kW]) {
+  const float4 a = reinterpret_cast<const float4*>(p)[0], b = reinterpret_cast<const float4*>(p)[1];
+  f[0] = a.x; f[1] = a.y; f[2] = a.z; f[3] = a.w; f[4] = b.x; f[5] = b.y; f[6] = b.z; f[7] = b.w;
+}
+// bf16 -> f32 is exact: the 16 bits become the high half (element 0 is the low half-word).
+__device__ __forceinline__ void ld8(const __nv_bfloat16* p, float (&f)[kW]) {
+  const uint4 u = *reinterpret_cast<const uint4*>(p);
+  const uint32_t w[4] = {u.x, u.y, u.z, u.w};
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    f[2 * j] = __uint_as_float(w[j] << 16);
+    f[2 * j + 1] = __uint_as_float(w[j] & 0xffff0000u);
+  }
+}
+// One rounding per element, exactly as store(): double -> f32, or double -> bf16 (RNE) directly.
+__device__ __forceinline__ void st8(float* p, const double (&d)[kW]) {
+  reinterpret_cast<float4*>(p)[0] = make_float4(float(d[0]), float(d[1]), float(d[2]), float(d[3]));
+  reinterpret_cast<float4*>(p)[1] = make_float4(float(d[4]), float(d[5]), float(d[6]), float(d[7]));
+}
+__device__ __forceinline__ void st8(__nv_bfloat16* p, const double (&d)[kW]) {
+  uint32_t w[4];
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    const uint32_t lo = __bfloat16_as_ushort(__double2bfloat16(d[2 * j]));
+    const uint32_t hi = __bfloat16_as_ushort(__double2bfloat16(d[2 * j + 1]));
+    w[j] = lo | (hi << 16);
+  }
+  *reinterpret_cast<uint4*>(p) = make_uint4(w[0], w[1], w[2], w[3]);
+}
+
+// Elements of x before its first 16-byte boundary (clamped to V): the scalar head of a row.
+template <class T>
+__device__ __forceinline__ int64_t head_elems(const T* x, int64_t V) {
+  const int64_t h = int64_t((16u - (reinterpret_cast<uintptr_t>(x) & 15u)) & 15u) / int64_t(sizeof(T));
+  return h < V ? h : V;
+}
+
+// Calls f(v, x[v]) for the elements of x[0, V) this thread owns: head elements one per thread, then
+// 16-byte vectors strided over the block, then the tail one per thread. (A row pointer that is not a
+// multiple of sizeof(T) would make the head wrong; rows of a T array never are.)
+template <class T, class F>
+__device__ __forceinline__ void for_row(const T* x, int64_t V, F&& f) {
+  const int64_t h = head_elems(x, V);
+  const int64_t nv = (V - h) / kW;
+  const int64_t tail0 = h + nv * kW;
+  if (threadIdx.x < h) f(int64_t(threadIdx.x), load(x, threadIdx.x));
+  for (int64_t k = threadIdx.x; k < nv; k += blockDim.x) {
+    float e[kW];
+    ld8(x + h + k * kW, e);
+#pragma unroll
+    for (int j = 0; j < kW; ++j) f(h + k * kW + j, e[j]);
+  }
+  const int64_t v = tail0 + threadIdx.x;
+  if (v < V) f(v, load(x, v));
+}
+
+// row_lse in ONE read of the row: each thread keeps a running max m and sum s = sum exp(x - m) (exp in
+// f32, sum in double; a new max rescales s in double), then the block takes the max M and adds
+// s * exp(m - M) in the fixed tree. Same numerics as row_lse up to rounding order (each term is
+// expf(x - m_thread) scaled, instead of expf(x - M)). Edge cases as the two-pass form: an all -inf row
+// gives -inf, -inf entries add nothing, a NaN or +inf entry makes the result NaN.
+template <class T>
+__device__ double row_lse_1pass(const T* x, int64_t V, double* sh) {
+  float m = -kInfF;
+  double s = 0.0;
+  for_row(x, V, [&](int64_t, float xv) {
+    if (xv > m) {
+      // expf(xv - xv) is 1, or NaN for xv = +inf (as the two-pass exp(inf - inf)).
+      s = s * exp(static_cast<double>(m) - static_cast<double>(xv)) + static_cast<double>(expf(xv - xv));
+      m = xv;
+    } else if (xv != -kInfF) {  // -inf adds exp(-inf) = 0 (skipped); NaN propagates through expf
+      s += static_cast<double>(expf(xv - m));
+    }
+  });
+  const float M = block_max(m, sh);
+  if (M == -kInfF) return -kInfD;  // uniform: every thread read the same M
+  // m = -inf (no finite entry here): exp(-inf) = 0 scales s (0, or NaN from a NaN entry) to 0 / NaN.
+  const double part = s * exp(static_cast<double>(m) - static_cast<double>(M));
+  return static_cast<double>(M) + log(block_sum(part, sh));
+}
+
 // ---- log-sum-exp and log-softmax -------------------------------------------------------------------
 
 template <class T>
 __global__ void __launch_bounds__(kThreads) k_logsumexp(const T* x, float* lse, int64_t n, int64_t V) {
   __shared__ double sh[kThreads];
   for (int64_t row = blockIdx.x; row < n; row += gridDim.x) {
-    const double e = row_lse(x + row * V, V, sh);
+    const double e = row_lse_1pass(x + row * V, V, sh);
     if (threadIdx.x == 0) lse[row] = static_cast<float>(e);
   }
 }
@@ -132,7 +217,7 @@ __global__ void __launch_bounds__(kThreads) k_log_softmax(const T* x, T* y, int6
   for (int64_t row = blockIdx.x; row < n; row += gridDim.x) {
     const T* xr = x + row * V;
     T* yr = y + row * V;
-    const double e = row_lse(xr, V, sh);
+    const double e = row_lse_1pass(xr, V, sh);
     for (int64_t v = threadIdx.x; v < V; v += blockDim.x) store(yr, v, static_cast<double>(load(xr, v)) - e);
     __syncthreads();
   }
@@ -149,7 +234,7 @@ __global__ void __launch_bounds__(kThreads)
                  int64_t V, int32_t ignore_index) {
   __shared__ double sh[kThreads];
   for (int64_t row = blockIdx.x; row < n; row += gridDim.x) {
-    const float e = static_cast<float>(row_lse(z + row * V, V, sh));
+    const float e = static_cast<float>(row_lse_1pass(z + row * V, V, sh));
     if (threadIdx.x == 0) {
       if (lse) lse[row] = e;
       const int32_t t = targets[row];
@@ -165,7 +250,8 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// dz = dloss * w * (exp(z - lse) - onehot); exp in f32 as the CPU's T = float path.
+// dz = dloss * w * (exp(z - lse) - onehot); exp in f32 as the CPU's T = float path. One read of z and
+// one write of dz per element, with 16-byte accesses when z and dz rows share their 16-byte phase.
 template <class T>
 __global__ void __launch_bounds__(kThreads)
     k_ce_backward(const T* z, const int32_t* targets, const float* weight, const float* lse, const float* dloss,
@@ -181,10 +267,32 @@ __global__ void __launch_bounds__(kThreads)
     double c = static_cast<double>(dloss[row]) * (weight ? static_cast<double>(weight[row]) : 1.0);
     if (t < 0 || t >= V) c = __longlong_as_double(0x7ff8000000000000LL);  // NaN row, see k_ce_forward
     const float e = lse[row];
-    for (int64_t v = threadIdx.x; v < V; v += blockDim.x) {
-      const double p = static_cast<double>(expf(load(zr, v) - e));
-      store(dr, v, c * (p - (v == t ? 1.0 : 0.0)));
+    const bool same_phase = ((reinterpret_cast<uintptr_t>(zr) ^ reinterpret_cast<uintptr_t>(dr)) & 15u) == 0;
+    if (!same_phase) {
+      for (int64_t v = threadIdx.x; v < V; v += blockDim.x) {
+        const double p = static_cast<double>(expf(load(zr, v) - e));
+        store(dr, v, c * (p - (v == t ? 1.0 : 0.0)));
+      }
+      continue;
     }
+    const int64_t h = head_elems(zr, V);
+    const int64_t nv = (V - h) / kW;
+    if (threadIdx.x < h) {
+      const int64_t v = threadIdx.x;
+      store(dr, v, c * (static_cast<double>(expf(load(zr, v) - e)) - (v == t ? 1.0 : 0.0)));
+    }
+    for (int64_t k = threadIdx.x; k < nv; k += blockDim.x) {
+      const int64_t v0 = h + k * kW;
+      float x[kW];
+      double d[kW];
+      ld8(zr + v0, x);
+#pragma unroll
+      for (int j = 0; j < kW; ++j)
+        d[j] = c * (static_cast<double>(expf(x[j] - e)) - (v0 + j == t ? 1.0 : 0.0));
+      st8(dr + v0, d);
+    }
+    const int64_t v = h + nv * kW + threadIdx.x;
+    if (v < V) store(dr, v, c * (static_cast<double>(expf(load(zr, v) - e)) - (v == t ? 1.0 : 0.0)));
   }
 }
 

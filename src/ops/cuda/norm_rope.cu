@@ -224,6 +224,21 @@ __global__ void k_rope_table(const int32_t* pos, int64_t tokens, int64_t half, d
 
 // x [tokens, heads, 2 half]: thread x walks the pairs (j, j + half) of a head, thread y picks the head
 // (row = t * heads + h); blocks stride over rows. The inverse rotates by -angle (the backward).
+// The rotation of one pair (a, b) = (x[j], x[j + half]); shared by the scalar and vector kernels.
+// Explicitly rounded products and sums (no fused multiply-add): nvcc contracts a * c - b * s
+// differently in different kernels, and the CPU (no -march=native) never fuses; so every form gives
+// the CPU's bits.
+__device__ __forceinline__ void rope_pair(float& a, float& b, float c, float s, bool inverse) {
+  const float a0 = a, b0 = b;
+  if (!inverse) {
+    a = __fsub_rn(__fmul_rn(a0, c), __fmul_rn(b0, s));
+    b = __fadd_rn(__fmul_rn(b0, c), __fmul_rn(a0, s));
+  } else {
+    a = __fadd_rn(__fmul_rn(a0, c), __fmul_rn(b0, s));
+    b = __fsub_rn(__fmul_rn(b0, c), __fmul_rn(a0, s));
+  }
+}
+
 template <class T>
 __global__ void k_rope(T* x, const float* cos_t, const float* sin_t, int64_t tokens, int64_t heads, int64_t half,
                        bool inverse) {
@@ -235,15 +250,61 @@ __global__ void k_rope(T* x, const float* cos_t, const float* sin_t, int64_t tok
     const float* st = sin_t + t * half;
     T* v = x + row * 2 * half;
     for (int64_t j = threadIdx.x; j < half; j += blockDim.x) {
-      const float a = to_f32(v[j]), b = to_f32(v[j + half]), c = ct[j], s = st[j];
-      if (!inverse) {
-        v[j] = from_f32<T>(a * c - b * s);
-        v[j + half] = from_f32<T>(b * c + a * s);
-      } else {
-        v[j] = from_f32<T>(a * c + b * s);
-        v[j + half] = from_f32<T>(b * c - a * s);
-      }
+      float a = to_f32(v[j]), b = to_f32(v[j + half]);
+      rope_pair(a, b, ct[j], st[j], inverse);
+      v[j] = from_f32<T>(a);
+      v[j + half] = from_f32<T>(b);
     }
+  }
+}
+
+// 16-byte form (half a multiple of 8, x, cos and sin 16-byte aligned): item k is 8 consecutive pairs
+// (j .. j+7) of one head row; grid stride over rows * half / 8 items.
+__device__ __forceinline__ void ld8(const float* p, float (&f)[8]) {
+  const float4 a = reinterpret_cast<const float4*>(p)[0], b = reinterpret_cast<const float4*>(p)[1];
+  f[0] = a.x; f[1] = a.y; f[2] = a.z; f[3] = a.w; f[4] = b.x; f[5] = b.y; f[6] = b.z; f[7] = b.w;
+}
+__device__ __forceinline__ void ld8(const __nv_bfloat16* p, float (&f)[8]) {
+  const uint4 u = *reinterpret_cast<const uint4*>(p);
+  const uint32_t w[4] = {u.x, u.y, u.z, u.w};
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    f[2 * j] = __uint_as_float(w[j] << 16);
+    f[2 * j + 1] = __uint_as_float(w[j] & 0xffff0000u);
+  }
+}
+__device__ __forceinline__ void st8(float* p, const float (&f)[8]) {
+  reinterpret_cast<float4*>(p)[0] = make_float4(f[0], f[1], f[2], f[3]);
+  reinterpret_cast<float4*>(p)[1] = make_float4(f[4], f[5], f[6], f[7]);
+}
+__device__ __forceinline__ void st8(__nv_bfloat16* p, const float (&f)[8]) {
+  uint32_t w[4];
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    const uint32_t lo = __bfloat16_as_ushort(__float2bfloat16_rn(f[2 * j]));
+    const uint32_t hi = __bfloat16_as_ushort(__float2bfloat16_rn(f[2 * j + 1]));
+    w[j] = lo | (hi << 16);
+  }
+  *reinterpret_cast<uint4*>(p) = make_uint4(w[0], w[1], w[2], w[3]);
+}
+
+template <class T>
+__global__ void k_rope_vec(T* x, const float* cos_t, const float* sin_t, int64_t tokens, int64_t heads, int64_t half,
+                           bool inverse) {
+  const int64_t per_row = half / 8, items = tokens * heads * per_row;
+  for (int64_t k = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; k < items; k += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t row = k / per_row, j = (k % per_row) * 8;
+    const int64_t t = row / heads;
+    T* v = x + row * 2 * half;
+    float a[8], b[8], c[8], s[8];
+    ld8(v + j, a);
+    ld8(v + j + half, b);
+    ld8(cos_t + t * half + j, c);
+    ld8(sin_t + t * half + j, s);
+#pragma unroll
+    for (int q = 0; q < 8; ++q) rope_pair(a[q], b[q], c[q], s[q], inverse);
+    st8(v + j, a);
+    st8(v + j + half, b);
   }
 }
 
@@ -334,8 +395,16 @@ void rope_inplace(void* x, const float* cos, const float* sin, int64_t tokens, i
   const int bx = static_cast<int>(std::min<int64_t>((half + 31) / 32 * 32, 128));
   const int by = kThreads / bx;
   const int64_t rows = tokens * heads;
+  const bool vec = half % 8 == 0 && ((reinterpret_cast<uintptr_t>(x) | reinterpret_cast<uintptr_t>(cos) |
+                                       reinterpret_cast<uintptr_t>(sin)) & 15u) == 0;
   dispatch(dt, "rope_inplace", [&](auto tag) {
     using T = typename decltype(tag)::type;
+    if (vec) {
+      const int64_t items = rows * (half / 8);
+      k_rope_vec<T><<<grid_cap((items + kThreads - 1) / kThreads), kThreads, 0, stream>>>(
+          static_cast<T*>(x), cos, sin, tokens, heads, half, inverse);
+      return;
+    }
     k_rope<T><<<grid_cap((rows + by - 1) / by), dim3(bx, by), 0, stream>>>(static_cast<T*>(x), cos, sin, tokens,
                                                                             heads, half, inverse);
   });

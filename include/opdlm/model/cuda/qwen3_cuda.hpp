@@ -120,6 +120,9 @@ class Qwen3CudaModel {
     void* x_mid = nullptr;
     float* rstd_mid = nullptr;
     void *gate = nullptr, *up = nullptr;
+    // SwiGLU output kept for the down projection's weight gradient (not recomputed, unlike the CPU
+    // model: the same bits, 2 x n x I bytes per layer for one kernel less); null with recompute.
+    void* act = nullptr;
   };
   class Carver;
 

@@ -21,8 +21,9 @@ struct DeviceMask {
   int64_t block_size = 1, pad_left = 0, prompt_len = 0, response_len = 0, q_offset = 0;
 };
 DeviceMask to_device_mask(const ops::MaskDescriptor& m);
-// Copies host descriptors into `dev` (device memory of at least masks.size() DeviceMasks), on `stream`
-// from a pinned staging copy, so the caller may reuse `masks` at once.
+// Copies host descriptors into `dev` (device memory of at least masks.size() DeviceMasks), on `stream`:
+// they travel as kernel arguments (64 per launch, copied at launch), so the caller may reuse `masks`
+// at once and no pinned staging is needed.
 void upload_masks(std::span<const ops::MaskDescriptor> masks, DeviceMask* dev, cudaStream_t stream);
 
 // q [B, Tq, Hq, D], k and v [B, Tk, Hkv, D] (dt: f32 or bf16), Hq % Hkv == 0; masks: device array of
@@ -34,8 +35,8 @@ void attention_forward(const void* q, const void* k, const void* v, void* o, flo
                        double scale, DType dt, cudaStream_t stream);
 
 // dq, dk, dv (dt, OVERWRITTEN) for upstream dout; probabilities recomputed from q, k and lse.
-// `scratch` holds at least attention_backward_scratch_bytes(...) bytes (f32 accumulators for dk/dv
-// and the row terms).
+// `scratch` holds at least attention_backward_scratch_bytes(...) bytes: the row terms
+// delta = sum_d dout * o (B * Hq * Tq floats); dk/dv sums over a GQA group stay in registers.
 size_t attention_backward_scratch_bytes(int64_t B, int64_t Tq, int64_t Tk, int64_t Hq, int64_t Hkv, int64_t D);
 void attention_backward(const void* q, const void* k, const void* v, const void* o, const float* lse,
                         const void* dout, void* dq, void* dk, void* dv, int64_t B, int64_t Tq, int64_t Tk, int64_t Hq,
