@@ -1,8 +1,8 @@
 // GPU attention throughput: cuda::attention_forward / attention_backward in bf16 at B=8, T=1024, Hq=16,
 // Hkv=8, D=128 with the causal and the training masks, as TFLOP/s (4 D flops per allowed (q, k) pair
 // forward, 2.5 times that backward; pairs counted from the mask rules on the host) and as a fraction of
-// a dense cuBLAS bf16 GEMM (4096^3, f32 accumulation) measured in the same run. Rows: v3 (attention_fa2.cu,
-// the default), v2 (OPDLM_ATTN_IMPL=v2), v1's tensor-core kernels ("fwd", "bwd": OPDLM_ATTN_IMPL=v1) and v1's scalar kernels.
+// a dense cuBLAS bf16 GEMM (4096^3, f32 accumulation) measured in the same run. Rows: v2 (attention_fa2.cu,
+// the default), v1's tensor-core kernels ("fwd", "bwd": OPDLM_ATTN_IMPL=v1) and v1's scalar kernels.
 // Run: build-gpu/bench/opdlm_bench_attention   (exit 77 without a GPU)
 #include <cublas_v2.h>
 #include <cuda_runtime_api.h>
@@ -23,35 +23,16 @@
 #include "opdlm/ops/mask.hpp"
 #include "opdlm/tensor/tensor.hpp"
 
+#include "gpu_bench_util.hpp"
+
 namespace {
+
+using opdlm::gpu_bench::emit_json;
+using opdlm::gpu_bench::median_ms;
 
 using opdlm::DType;
 using opdlm::Tensor;
 using opdlm::ops::MaskDescriptor;
-
-// ---- timing ----
-
-// Median milliseconds of `runs` calls after `warmup` calls, timed with events on the default stream.
-double median_ms(const std::function<void()>& f, int warmup = 3, int runs = 10) {
-  for (int i = 0; i < warmup; ++i) f();
-  cudaEvent_t a, b;
-  CUDA_CHECK(cudaEventCreate(&a));
-  CUDA_CHECK(cudaEventCreate(&b));
-  std::vector<double> ms;
-  for (int i = 0; i < runs; ++i) {
-    CUDA_CHECK(cudaEventRecord(a, nullptr));
-    f();
-    CUDA_CHECK(cudaEventRecord(b, nullptr));
-    CUDA_CHECK(cudaEventSynchronize(b));
-    float t = 0;
-    CUDA_CHECK(cudaEventElapsedTime(&t, a, b));
-    ms.push_back(t);
-  }
-  CUDA_CHECK(cudaEventDestroy(a));
-  CUDA_CHECK(cudaEventDestroy(b));
-  std::sort(ms.begin(), ms.end());
-  return ms[ms.size() / 2];
-}
 
 void* device_random_bf16(int64_t n, uint32_t seed, float lo, float hi) {
   std::mt19937 rng(seed);
@@ -69,13 +50,6 @@ void* device_alloc(size_t bytes) {
   void* d = nullptr;
   CUDA_CHECK(cudaMalloc(&d, bytes));
   return d;
-}
-
-void emit_json(const std::string& line) {
-  if (const char* path = std::getenv("OPDLM_GPU_BENCH_OUT"); path && *path) {
-    std::ofstream f(path, std::ios::app);
-    f << line << "\n";
-  }
 }
 
 // ---- baseline: dense cuBLAS bf16 GEMM ----
@@ -171,12 +145,9 @@ int main() {
       opdlm::cuda::attention_backward(q, k, v, o, lse, dout, dq, dk, dv, B, T, T, Hq, Hkv, D, masks, B, scale,
                                       scratch, dt, nullptr);
     };
-    // v3 (the default for bf16 at D 128: attention_fa2.cu), v2 (OPDLM_ATTN_IMPL=v2), v1's tensor-core
-    // kernels (OPDLM_ATTN_IMPL=v1), then v1's scalar ones (OPDLM_ATTN_SCALAR=1).
-    setenv("OPDLM_ATTN_IMPL", "v3", 1);
-    const double fwd_v3_ms = median_ms(fwd);
-    const double bwd_v3_ms = median_ms(bwd);
-    setenv("OPDLM_ATTN_IMPL", "v2", 1);
+    // v2 (the default for bf16 at D 128: attention_fa2.cu), v1's tensor-core kernels
+    // (OPDLM_ATTN_IMPL=v1), then v1's scalar ones (OPDLM_ATTN_SCALAR=1).
+    unsetenv("OPDLM_ATTN_IMPL");
     const double fwd_v2_ms = median_ms(fwd);
     const double bwd_v2_ms = median_ms(bwd);
     setenv("OPDLM_ATTN_IMPL", "v1", 1);
@@ -190,9 +161,7 @@ int main() {
     struct Fig {
       const char* what;
       double ms, flops;
-    } figs[] = {{"fwd_v3", fwd_v3_ms, fwd_flops},
-                {"bwd_v3", bwd_v3_ms, bwd_flops},
-                {"fwd_v2", fwd_v2_ms, fwd_flops},
+    } figs[] = {{"fwd_v2", fwd_v2_ms, fwd_flops},
                 {"bwd_v2", bwd_v2_ms, bwd_flops},
                 {"fwd", fwd_ms, fwd_flops},
                 {"bwd", bwd_ms, bwd_flops},

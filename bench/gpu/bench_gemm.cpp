@@ -18,7 +18,12 @@
 #include "opdlm/ops/cuda/gemm_cuda.hpp"
 #include "opdlm/tensor/bf16.hpp"
 
+#include "gpu_bench_util.hpp"
+
 namespace {
+
+using opdlm::gpu_bench::emit_json;
+using opdlm::gpu_bench::median_ms;
 
 using opdlm::DType;
 
@@ -49,28 +54,6 @@ void add_linear(std::vector<Shape>& v, const char* base, int64_t n, int64_t in, 
   v.push_back({b + ".dw", out, in, n, true, false, DType::f32, 1.0f});
 }
 
-// Median milliseconds of `runs` timed calls after `warm` untimed ones (CUDA events on the stream).
-double median_ms(const std::function<void()>& f, cudaStream_t s, int warm = 3, int runs = 9) {
-  for (int i = 0; i < warm; ++i) f();
-  cudaEvent_t a, b;
-  CUDA_CHECK(cudaEventCreate(&a));
-  CUDA_CHECK(cudaEventCreate(&b));
-  std::vector<double> t;
-  for (int i = 0; i < runs; ++i) {
-    CUDA_CHECK(cudaEventRecord(a, s));
-    f();
-    CUDA_CHECK(cudaEventRecord(b, s));
-    CUDA_CHECK(cudaEventSynchronize(b));
-    float ms = 0;
-    CUDA_CHECK(cudaEventElapsedTime(&ms, a, b));
-    t.push_back(ms);
-  }
-  CUDA_CHECK(cudaEventDestroy(a));
-  CUDA_CHECK(cudaEventDestroy(b));
-  std::sort(t.begin(), t.end());
-  return t[t.size() / 2];
-}
-
 // Fills `bytes` of device memory with a repeated block of random bf16 values in [-1, 1).
 void fill_random_bf16(void* dev, size_t bytes) {
   const size_t block = size_t(1) << 24;  // elements
@@ -83,13 +66,6 @@ void fill_random_bf16(void* dev, size_t bytes) {
   char* p = static_cast<char*>(dev);
   for (size_t off = 0; off < bytes; off += block * 2)
     CUDA_CHECK(cudaMemcpy(p + off, h.data(), std::min(block * 2, bytes - off), cudaMemcpyHostToDevice));
-}
-
-void emit_json(const std::string& line) {
-  if (const char* path = std::getenv("OPDLM_GPU_BENCH_OUT"); path && *path) {
-    std::ofstream f(path, std::ios::app);
-    f << line << "\n";
-  }
 }
 
 }  // namespace

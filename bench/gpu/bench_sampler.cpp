@@ -21,38 +21,14 @@
 #include "opdlm/ops/sampling.hpp"
 #include "opdlm/tensor/bf16.hpp"
 
+#include "gpu_bench_util.hpp"
+
 namespace {
 
+using opdlm::gpu_bench::emit_json;
+using opdlm::gpu_bench::median_ms;
+
 using opdlm::DType;
-
-// Median milliseconds of `runs` timed calls after `warm` untimed ones (CUDA events on the stream).
-double median_ms(const std::function<void()>& f, cudaStream_t s, int warm = 3, int runs = 15) {
-  for (int i = 0; i < warm; ++i) f();
-  cudaEvent_t a, b;
-  CUDA_CHECK(cudaEventCreate(&a));
-  CUDA_CHECK(cudaEventCreate(&b));
-  std::vector<double> t;
-  for (int i = 0; i < runs; ++i) {
-    CUDA_CHECK(cudaEventRecord(a, s));
-    f();
-    CUDA_CHECK(cudaEventRecord(b, s));
-    CUDA_CHECK(cudaEventSynchronize(b));
-    float ms = 0;
-    CUDA_CHECK(cudaEventElapsedTime(&ms, a, b));
-    t.push_back(ms);
-  }
-  CUDA_CHECK(cudaEventDestroy(a));
-  CUDA_CHECK(cudaEventDestroy(b));
-  std::sort(t.begin(), t.end());
-  return t[t.size() / 2];
-}
-
-void emit_json(const std::string& line) {
-  if (const char* path = std::getenv("OPDLM_GPU_BENCH_OUT"); path && *path) {
-    std::ofstream f(path, std::ios::app);
-    f << line << "\n";
-  }
-}
 
 struct Variant {
   const char* name;

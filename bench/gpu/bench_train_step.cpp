@@ -24,9 +24,12 @@
 
 using namespace opdlm;
 
+#include "gpu_bench_util.hpp"
+
 namespace {
 
-constexpr double kH100DenseBf16 = 989.4e12;  // H100 SXM, dense bf16 tensor-core peak (FLOP/s)
+using gpu_bench::kH100DenseBf16;
+using gpu_bench::median;
 
 // ---- helpers ------------------------------------------------------------------------------------------
 
@@ -40,22 +43,14 @@ struct Rng {
   double uniform() { return double(next() >> 11) * (1.0 / 9007199254740992.0); }
 };
 
-double median(std::vector<double> v) {
-  std::sort(v.begin(), v.end());
-  return v[v.size() / 2];
-}
-
 void json_line(const std::string& name, double value, const char* unit, const std::string& baseline, double base_value,
                double ratio) {
-  const char* path = std::getenv("OPDLM_GPU_BENCH_OUT");
-  if (!path || !*path) return;
-  std::ofstream f(path, std::ios::app);
   char buf[512];
   std::snprintf(buf, sizeof buf,
                 "{\"bench\": \"train_step\", \"figure\": \"%s\", \"value\": %.6g, \"unit\": \"%s\", \"baseline\": \"%s\", "
                 "\"baseline_value\": %.6g, \"ratio\": %.6g}",
                 name.c_str(), value, unit, baseline.c_str(), base_value, ratio);
-  f << buf << "\n";
+  gpu_bench::emit_json(buf);
 }
 
 // cuBLASLt bf16 GEMM [N, N] @ [N, N] -> bf16, median FLOP/s over `runs` after a warm-up.

@@ -1,6 +1,6 @@
 // GPU parity of cuda::attention_forward / attention_backward against the CPU ops in f64 on the same
 // inputs: every mask kind (causal with pads and a KV-cache offset, block_causal, training rows, per-row
-// and shared descriptors), GQA, head dims 16 to 128 and odd lengths, f32 and bf16 (the v3 and v2 mma.sync kernels
+// and shared descriptors), GQA, head dims 16 to 128 and odd lengths, f32 and bf16 (the v2 mma.sync kernels
 // of attention_fa2.cu, v1's tensor-core and scalar kernels), plus run-to-run determinism of the backward.
 #include <cuda_runtime_api.h>
 
@@ -43,17 +43,15 @@ std::string shape_of(const AttnCase& c) {
 }
 
 // Which kernels a run selects through the environment (the attention calls read it on every call):
-// the default (v3 for bf16 with D 64 / 128, else v1's tensor cores for bf16 with D % 16 == 0, else the
-// scalar kernels), OPDLM_ATTN_SCALAR=1, OPDLM_ATTN_IMPL=v1, OPDLM_ATTN_IMPL=v2 or OPDLM_ATTN_IMPL=v3.
-enum class Impl { standard, scalar, v1, v2, v3 };
+// the default (v2, the mma.sync kernels, for bf16 with D 64 / 128, else v1's tensor cores for bf16 with
+// D % 16 == 0, else the scalar kernels), OPDLM_ATTN_SCALAR=1 or OPDLM_ATTN_IMPL=v1.
+enum class Impl { standard, scalar, v1, v2 };
 
 // Sets the variables of `impl` for the scope.
 struct ImplEnv {
   explicit ImplEnv(Impl impl) {
     if (impl == Impl::scalar) setenv("OPDLM_ATTN_SCALAR", "1", 1);
     if (impl == Impl::v1) setenv("OPDLM_ATTN_IMPL", "v1", 1);
-    if (impl == Impl::v2) setenv("OPDLM_ATTN_IMPL", "v2", 1);
-    if (impl == Impl::v3) setenv("OPDLM_ATTN_IMPL", "v3", 1);
   }
   ~ImplEnv() {
     unsetenv("OPDLM_ATTN_SCALAR");
@@ -66,7 +64,6 @@ const char* impl_tag(Impl impl) {
     case Impl::scalar: return "_scalar";
     case Impl::v1: return "_v1";
     case Impl::v2: return "_v2";
-    case Impl::v3: return "_v3";
     default: return "";
   }
 }
@@ -143,8 +140,7 @@ void run_both(const AttnCase& c, uint32_t seed) {
   for (MaskDescriptor m : c.masks) m.validate(c.Tq, c.Tk, c.name);
   run_case(c, DType::f32, seed, Impl::standard);
   if (c.D == 64 || c.D == 128) {
-    // bf16 at these head dims defaults to v3: check it, v2 and v1's tensor-core kernels side by side.
-    run_case(c, DType::bf16, seed, Impl::v3);
+    // bf16 at these head dims defaults to v2: check it and v1's tensor-core kernels side by side.
     run_case(c, DType::bf16, seed, Impl::v2);
     run_case(c, DType::bf16, seed, Impl::v1);
   } else {
@@ -153,11 +149,9 @@ void run_both(const AttnCase& c, uint32_t seed) {
   if (c.D % 16 == 0) run_case(c, DType::bf16, seed, Impl::scalar);  // the default used tensor cores: check scalar too
 }
 
-// bf16 through v1, v2 and v3 only (the shapes added for v2 / v3: tile edges, GQA groups, multi-tile
-// decoding).
+// bf16 through v2 and v1 only (the shapes added for v2: tile edges, GQA groups, multi-tile decoding).
 void run_v1_v2(const AttnCase& c, uint32_t seed) {
   for (MaskDescriptor m : c.masks) m.validate(c.Tq, c.Tk, c.name);
-  run_case(c, DType::bf16, seed, Impl::v3);
   run_case(c, DType::bf16, seed, Impl::v2);
   run_case(c, DType::bf16, seed, Impl::v1);
 }
@@ -222,18 +216,18 @@ TEST(AttentionCuda, V2TileEdgesAndGroups) {
   run_v1_v2({"v2_block_causal_dec", 1, 37, 200, 4, 1, 64, {MaskDescriptor::block_causal(32, 90, 10, 163)}}, 86);
 }
 
-TEST(AttentionCuda, V3TileEdges) {
-  // Around v3's 128-row query tiles (two m16 tiles per warp) and the 32-key tiles of its dQ kernel: rows
+TEST(AttentionCuda, V2WideTileEdges) {
+  // Around the 128-row query tiles (two m16 tiles per warp) and the 32-key tiles of its dQ kernel: rows
   // 127 / 128 / 129 / 257, keys 31 / 33, a GQA group of 8, training masks whose ranges end mid-tile, and
   // decoding with fewer rows than one warp's 32.
-  run_v1_v2({"v3_causal_t127", 1, 127, 127, 2, 1, 128, {MaskDescriptor::causal(0)}}, 90);
-  run_v1_v2({"v3_causal_t128", 2, 128, 128, 2, 2, 64, {MaskDescriptor::causal(0), MaskDescriptor::causal(5)}}, 91);
-  run_v1_v2({"v3_causal_t257", 1, 257, 257, 8, 1, 128, {MaskDescriptor::causal(3)}}, 92);
-  run_v1_v2({"v3_training_b8", 2, 200, 200, 4, 2, 128,
+  run_v1_v2({"v2_causal_t127", 1, 127, 127, 2, 1, 128, {MaskDescriptor::causal(0)}}, 90);
+  run_v1_v2({"v2_causal_t128", 2, 128, 128, 2, 2, 64, {MaskDescriptor::causal(0), MaskDescriptor::causal(5)}}, 91);
+  run_v1_v2({"v2_causal_t257", 1, 257, 257, 8, 1, 128, {MaskDescriptor::causal(3)}}, 92);
+  run_v1_v2({"v2_training_b8", 2, 200, 200, 4, 2, 128,
              {MaskDescriptor::training(8, 49, 72, 7), MaskDescriptor::training(8, 56, 72, 0)}},
             93);
-  run_v1_v2({"v3_decode_k33", 1, 9, 33, 4, 2, 64, {MaskDescriptor::causal(0, 24)}}, 94);
-  run_v1_v2({"v3_decode_k31", 2, 20, 31, 2, 1, 128, {MaskDescriptor::causal(1, 11), MaskDescriptor::causal(0, 11)}},
+  run_v1_v2({"v2_decode_k33", 1, 9, 33, 4, 2, 64, {MaskDescriptor::causal(0, 24)}}, 94);
+  run_v1_v2({"v2_decode_k31", 2, 20, 31, 2, 1, 128, {MaskDescriptor::causal(1, 11), MaskDescriptor::causal(0, 11)}},
             95);
 }
 

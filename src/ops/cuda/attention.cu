@@ -14,8 +14,7 @@
 // dk/dv kernel per key tile looping over the group's query heads and the query tiles in a fixed order
 // (scalar kernels, and for bf16 with D % 16 == 0 tensor-core ones with P and dS as bf16 operands).
 // OPDLM_ATTN_SCALAR=1 in the environment selects the scalar kernels everywhere. bf16 with D = 64 or 128
-// goes to the faster mma.sync kernels of attention_fa2.cu: v3 by default, v2 with OPDLM_ATTN_IMPL=v2, v1 with
-// OPDLM_ATTN_IMPL=v1. No float atomics anywhere: every sum has an order fixed by the shape, so results are bitwise
+// goes to the faster mma.sync kernels of attention_fa2.cu ("v2") unless OPDLM_ATTN_IMPL=v1. No float atomics anywhere: every sum has an order fixed by the shape, so results are bitwise
 // reproducible run to run.
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
@@ -46,13 +45,6 @@ void forward(const void* q, const void* k, const void* v, void* o, float* lse, i
 void backward(const void* q, const void* k, const void* v, const void* o, const float* lse, const void* dout,
               void* dq, void* dk, void* dv, int64_t B, int64_t Tq, int64_t Tk, int64_t Hq, int64_t Hkv, int64_t D,
               const DeviceMask* masks, int64_t n_masks, float scale, float* delta, cudaStream_t stream);
-// v3: 32 query rows per warp in the forward and the dQ kernel (same applies(), same contract).
-void forward_v3(const void* q, const void* k, const void* v, void* o, float* lse, int64_t B, int64_t Tq, int64_t Tk,
-                int64_t Hq, int64_t Hkv, int64_t D, const DeviceMask* masks, int64_t n_masks, float scale,
-                cudaStream_t stream);
-void backward_v3(const void* q, const void* k, const void* v, const void* o, const float* lse, const void* dout,
-                 void* dq, void* dk, void* dv, int64_t B, int64_t Tq, int64_t Tk, int64_t Hq, int64_t Hkv, int64_t D,
-                 const DeviceMask* masks, int64_t n_masks, float scale, float* delta, cudaStream_t stream);
 }  // namespace fa2
 
 // ---- host-side descriptors ----
@@ -833,15 +825,13 @@ bool use_wmma(DType dt, int64_t D) {
 }
 
 // The mma.sync kernels of attention_fa2.cu where they apply (bf16, D 64 or 128, 16-byte aligned
-// tensors): v3 by default, v2 with OPDLM_ATTN_IMPL=v2; v1 with OPDLM_ATTN_IMPL=v1 or OPDLM_ATTN_SCALAR=1
-// (the scalar v1 kernels). Read on every call, as OPDLM_ATTN_SCALAR.
-enum class Fa2Impl { none, v2, v3 };
-Fa2Impl use_fa2(DType dt, const Shape4& s, std::initializer_list<const void*> ptrs) {
+// tensors), unless OPDLM_ATTN_IMPL=v1 or OPDLM_ATTN_SCALAR=1 (the scalar v1 kernels). Read on every call,
+// as OPDLM_ATTN_SCALAR.
+bool use_fa2(DType dt, const Shape4& s, std::initializer_list<const void*> ptrs) {
   const char* impl = std::getenv("OPDLM_ATTN_IMPL");
-  if (impl && std::strcmp(impl, "v1") == 0) return Fa2Impl::none;
-  if (const char* e = std::getenv("OPDLM_ATTN_SCALAR"); e && *e && *e != '0') return Fa2Impl::none;
-  if (!fa2::applies(dt, s.D, s.B, s.Tq, s.Tk, s.Hq, s.Hkv, ptrs)) return Fa2Impl::none;
-  return impl && std::strcmp(impl, "v2") == 0 ? Fa2Impl::v2 : Fa2Impl::v3;
+  if (impl && std::strcmp(impl, "v1") == 0) return false;
+  if (const char* e = std::getenv("OPDLM_ATTN_SCALAR"); e && *e && *e != '0') return false;
+  return fa2::applies(dt, s.D, s.B, s.Tq, s.Tk, s.Hq, s.Hkv, ptrs);
 }
 
 template <class T, int DMAX>
@@ -948,11 +938,8 @@ void attention_forward(const void* q, const void* k, const void* v, void* o, flo
   if (D == 0) {  // o is empty; lse = log(number of allowed keys) would need the rules: not a real case
     OPDLM_FAIL("cuda::attention_forward: head dim 0 is not supported");
   }
-  if (const Fa2Impl fi = use_fa2(dt, s, {q, k, v, o}); fi != Fa2Impl::none) {
-    if (fi == Fa2Impl::v3)
-      fa2::forward_v3(q, k, v, o, lse, B, Tq, Tk, Hq, Hkv, D, masks, n_masks, static_cast<float>(scale), stream);
-    else
-      fa2::forward(q, k, v, o, lse, B, Tq, Tk, Hq, Hkv, D, masks, n_masks, static_cast<float>(scale), stream);
+  if (use_fa2(dt, s, {q, k, v, o})) {
+    fa2::forward(q, k, v, o, lse, B, Tq, Tk, Hq, Hkv, D, masks, n_masks, static_cast<float>(scale), stream);
     return;
   }
   const bool wm = use_wmma(dt, D);
@@ -976,13 +963,9 @@ void attention_backward(const void* q, const void* k, const void* v, const void*
   check_shape("cuda::attention_backward", s, n_masks, scale, dt);
   if (B == 0 || D == 0) return;
   OPDLM_CHECK(scratch != nullptr || B * Hq * Tq == 0, "cuda::attention_backward: scratch is null");
-  if (const Fa2Impl fi = use_fa2(dt, s, {q, k, v, o, dout, dq, dk, dv}); fi != Fa2Impl::none) {
-    if (fi == Fa2Impl::v3)
-      fa2::backward_v3(q, k, v, o, lse, dout, dq, dk, dv, B, Tq, Tk, Hq, Hkv, D, masks, n_masks,
-                       static_cast<float>(scale), static_cast<float*>(scratch), stream);
-    else
-      fa2::backward(q, k, v, o, lse, dout, dq, dk, dv, B, Tq, Tk, Hq, Hkv, D, masks, n_masks,
-                    static_cast<float>(scale), static_cast<float*>(scratch), stream);
+  if (use_fa2(dt, s, {q, k, v, o, dout, dq, dk, dv})) {
+    fa2::backward(q, k, v, o, lse, dout, dq, dk, dv, B, Tq, Tk, Hq, Hkv, D, masks, n_masks,
+                  static_cast<float>(scale), static_cast<float*>(scratch), stream);
     return;
   }
   const bool wm = use_wmma(dt, D);

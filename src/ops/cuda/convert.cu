@@ -3,11 +3,11 @@
 // synchronous cuda_convert_* serve Tensor::to; cuda::convert is the stream form the model uses.
 #include <cuda_runtime.h>
 
-#include <atomic>
 #include <cstdint>
 
 #include "opdlm/base/check.hpp"
 #include "opdlm/ops/cuda/ops_cuda.hpp"
+#include "cuda_common.cuh"
 
 namespace opdlm::detail {
 
@@ -60,20 +60,11 @@ __global__ void k_bf16_to_f32_vec(const uint16_t* in, float* out, int64_t n) {
     out[i] = __uint_as_float(static_cast<uint32_t>(in[i]) << 16);
 }
 
-static bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
+using cuda::common::aligned16;
 
 // Blocks for the vector kernels: enough for n / 8 vectors, at most 8 full blocks per SM (one wave).
 static int grid_vec(int64_t n) {
-  static std::atomic<int> cache[64];
-  int dev = 0;
-  CUDA_CHECK(cudaGetDevice(&dev));
-  if (dev < 0 || dev >= 64) dev = 0;
-  int sms = cache[dev].load(std::memory_order_relaxed);
-  if (sms <= 0) {
-    CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
-    if (sms <= 0) sms = 1;
-    cache[dev].store(sms, std::memory_order_relaxed);
-  }
+  const int sms = cuda::common::sm_count();
   const int64_t want = (n / 8 + 255) / 256;
   return static_cast<int>(want < 1 ? 1 : (want < int64_t(sms) * 8 ? want : int64_t(sms) * 8));
 }

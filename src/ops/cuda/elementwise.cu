@@ -11,34 +11,23 @@
 
 #include "opdlm/base/check.hpp"
 #include "opdlm/ops/cuda/ops_cuda.hpp"
+#include "cuda_common.cuh"
 
 namespace opdlm::cuda {
 namespace {
+
+using namespace common;
 
 // ---- helpers ---------------------------------------------------------------------------------------
 
 constexpr int kThreads = 256;  // every kernel here runs 256-thread blocks (the trees below rely on it)
 
-__device__ __forceinline__ float to_f32(float x) { return x; }
-__device__ __forceinline__ float to_f32(__nv_bfloat16 x) { return __bfloat162float(x); }
-template <class T> __device__ __forceinline__ T from_f32(float x);
-template <> __device__ __forceinline__ float from_f32<float>(float x) { return x; }
-template <> __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
 
 // Blocks for a grid-stride loop over n items (n > 0); the cap only bounds the launch, the loops cover n.
 int grid_1d(int64_t n, int64_t per_block = kThreads) {
   return static_cast<int>(std::clamp<int64_t>((n + per_block - 1) / per_block, 1, 65535));
 }
 
-template <class T> struct Tag { using type = T; };
-
-// Calls f(Tag<float>) or f(Tag<__nv_bfloat16>) for dt; any other dtype is an Error naming `fn`.
-template <class F>
-void dispatch(DType dt, const char* fn, F&& f) {
-  if (dt == DType::f32) f(Tag<float>{});
-  else if (dt == DType::bf16) f(Tag<__nv_bfloat16>{});
-  else OPDLM_FAIL("cuda::", fn, ": dtype ", dtype_name(dt), " unsupported; expected f32 or bf16");
-}
 
 void check_n(int64_t n, const char* fn) {
   if (n < 0) OPDLM_FAIL("cuda::", fn, ": n is ", n, ", must be >= 0");
@@ -52,54 +41,6 @@ void check_n(int64_t n, const char* fn) {
 // The vector kernels move kW = 8 elements per access (one 16-byte load for bf16, two for f32) when every
 // pointer is 16-byte aligned; elements past the last whole vector go through the scalar formula. Each
 // element still gets the scalar kernel's formula (shared __device__ functions), so results are identical.
-constexpr int kW = 8;
-
-__device__ __forceinline__ void ld8(const float* p, float (&f)[kW]) {
-  const float4 a = reinterpret_cast<const float4*>(p)[0], b = reinterpret_cast<const float4*>(p)[1];
-  f[0] = a.x; f[1] = a.y; f[2] = a.z; f[3] = a.w; f[4] = b.x; f[5] = b.y; f[6] = b.z; f[7] = b.w;
-}
-// bf16 -> f32 is exact: the 16 bits become the high half of the f32 (element 0 is the low half-word).
-__device__ __forceinline__ void ld8(const __nv_bfloat16* p, float (&f)[kW]) {
-  const uint4 u = *reinterpret_cast<const uint4*>(p);
-  const uint32_t w[4] = {u.x, u.y, u.z, u.w};
-#pragma unroll
-  for (int j = 0; j < 4; ++j) {
-    f[2 * j] = __uint_as_float(w[j] << 16);
-    f[2 * j + 1] = __uint_as_float(w[j] & 0xffff0000u);
-  }
-}
-__device__ __forceinline__ void st8(float* p, const float (&f)[kW]) {
-  reinterpret_cast<float4*>(p)[0] = make_float4(f[0], f[1], f[2], f[3]);
-  reinterpret_cast<float4*>(p)[1] = make_float4(f[4], f[5], f[6], f[7]);
-}
-// One rounding per element (from_f32, as the scalar store), then packed two per word.
-__device__ __forceinline__ void st8(__nv_bfloat16* p, const float (&f)[kW]) {
-  uint32_t w[4];
-#pragma unroll
-  for (int j = 0; j < 4; ++j) {
-    const uint32_t lo = __bfloat16_as_ushort(__float2bfloat16_rn(f[2 * j]));
-    const uint32_t hi = __bfloat16_as_ushort(__float2bfloat16_rn(f[2 * j + 1]));
-    w[j] = lo | (hi << 16);
-  }
-  *reinterpret_cast<uint4*>(p) = make_uint4(w[0], w[1], w[2], w[3]);
-}
-
-bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
-
-// Streaming multiprocessors of the current device, cached per device (the lookup is not free).
-int sm_count() {
-  static std::atomic<int> cache[64];
-  int dev = 0;
-  CUDA_CHECK(cudaGetDevice(&dev));
-  if (dev < 0 || dev >= 64) dev = 0;
-  int sms = cache[dev].load(std::memory_order_relaxed);
-  if (sms <= 0) {
-    CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
-    if (sms <= 0) sms = 1;
-    cache[dev].store(sms, std::memory_order_relaxed);
-  }
-  return sms;
-}
 
 // Blocks for a vector kernel over n elements: enough for the vectors, at most one full-occupancy wave
 // (8 blocks of 256 threads per SM); the grid-stride loops cover the rest.
@@ -335,17 +276,6 @@ constexpr int64_t kSumPerBlock = kThreads * 16;  // elements per block before th
 
 int64_t sum_blocks(int64_t n) { return std::clamp<int64_t>((n + kSumPerBlock - 1) / kSumPerBlock, 1, kSumMaxBlocks); }
 
-// Sum of v over the block (blockDim.x == kThreads) in a fixed tree; the result is valid in thread 0.
-__device__ double block_sum(double v, double* red) {
-  red[threadIdx.x] = v;
-  __syncthreads();
-  for (int s = kThreads / 2; s > 0; s >>= 1) {
-    if (threadIdx.x < s) red[threadIdx.x] += red[threadIdx.x + s];
-    __syncthreads();
-  }
-  return red[0];
-}
-
 __global__ void __launch_bounds__(kThreads) k_sumsq_partial(const float* x, int64_t n, double* partial) {
   __shared__ double red[kThreads];
   double acc = 0;
@@ -353,7 +283,7 @@ __global__ void __launch_bounds__(kThreads) k_sumsq_partial(const float* x, int6
     const double v = x[i];
     acc += v * v;
   }
-  const double s = block_sum(acc, red);
+  const double s = block_sum<kThreads>(acc, red);
   if (threadIdx.x == 0) partial[blockIdx.x] = s;
 }
 
@@ -361,7 +291,7 @@ __global__ void __launch_bounds__(kThreads) k_sumsq_final(const double* partial,
   __shared__ double red[kThreads];
   double acc = 0;
   for (int64_t i = threadIdx.x; i < nparts; i += blockDim.x) acc += partial[i];
-  const double s = block_sum(acc, red);
+  const double s = block_sum<kThreads>(acc, red);
   if (threadIdx.x == 0) out[0] = s;
 }
 

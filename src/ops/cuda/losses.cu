@@ -21,10 +21,13 @@
 #include "opdlm/base/check.hpp"
 #include "opdlm/base/error.hpp"
 #include "opdlm/ops/cuda/ops_cuda.hpp"
+#include "cuda_common.cuh"
 
 namespace opdlm::cuda {
 
 namespace {
+
+using namespace common;
 
 constexpr int kThreads = 512;       // threads per row block; a power of two (the reduction tree halves it)
 constexpr int64_t kMaxGrid = 1 << 20;  // more rows than this loop over the grid
@@ -115,22 +118,7 @@ __device__ double row_lse(const T* x, int64_t V, double* sh) {
 
 // ---- vectorised row access and the one-pass log-sum-exp ---------------------------------------------
 
-constexpr int kW = 8;  // elements per 16-byte access (bf16: one uint4; f32: two float4)
 
-__device__ __forceinline__ void ld8(const float* p, float (&f)[kW]) {
-  const float4 a = reinterpret_cast<const float4*>(p)[0], b = reinterpret_cast<const float4*>(p)[1];
-  f[0] = a.x; f[1] = a.y; f[2] = a.z; f[3] = a.w; f[4] = b.x; f[5] = b.y; f[6] = b.z; f[7] = b.w;
-}
-// bf16 -> f32 is exact: the 16 bits become the high half (element 0 is the low half-word).
-__device__ __forceinline__ void ld8(const __nv_bfloat16* p, float (&f)[kW]) {
-  const uint4 u = *reinterpret_cast<const uint4*>(p);
-  const uint32_t w[4] = {u.x, u.y, u.z, u.w};
-#pragma unroll
-  for (int j = 0; j < 4; ++j) {
-    f[2 * j] = __uint_as_float(w[j] << 16);
-    f[2 * j + 1] = __uint_as_float(w[j] & 0xffff0000u);
-  }
-}
 // One rounding per element, exactly as store(): double -> f32, or double -> bf16 (RNE) directly.
 __device__ __forceinline__ void st8(float* p, const double (&d)[kW]) {
   reinterpret_cast<float4*>(p)[0] = make_float4(float(d[0]), float(d[1]), float(d[2]), float(d[3]));

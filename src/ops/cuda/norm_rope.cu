@@ -9,42 +9,19 @@
 
 #include "opdlm/base/check.hpp"
 #include "opdlm/ops/cuda/ops_cuda.hpp"
+#include "cuda_common.cuh"
 
 namespace opdlm::cuda {
 namespace {
+
+using namespace common;
 
 // ---- helpers ---------------------------------------------------------------------------------------
 
 constexpr int kThreads = 256;  // row kernels: one 256-thread block per row
 
-__device__ __forceinline__ float to_f32(float x) { return x; }
-__device__ __forceinline__ float to_f32(__nv_bfloat16 x) { return __bfloat162float(x); }
-template <class T> __device__ __forceinline__ T from_f32(float x);
-template <> __device__ __forceinline__ float from_f32<float>(float x) { return x; }
-template <> __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
 
-template <class T> struct Tag { using type = T; };
 
-template <class F>
-void dispatch(DType dt, const char* fn, F&& f) {
-  if (dt == DType::f32) f(Tag<float>{});
-  else if (dt == DType::bf16) f(Tag<__nv_bfloat16>{});
-  else OPDLM_FAIL("cuda::", fn, ": dtype ", dtype_name(dt), " unsupported; expected f32 or bf16");
-}
-
-int grid_cap(int64_t blocks) { return static_cast<int>(std::clamp<int64_t>(blocks, 1, 65535)); }
-
-// Sum of v over a kThreads block in a fixed tree, returned to every thread. Ends with a barrier after
-// the last write, and callers put another barrier before `red` is written again.
-__device__ double block_sum(double v, double* red) {
-  red[threadIdx.x] = v;
-  __syncthreads();
-  for (int s = kThreads / 2; s > 0; s >>= 1) {
-    if (threadIdx.x < s) red[threadIdx.x] += red[threadIdx.x + s];
-    __syncthreads();
-  }
-  return red[0];
-}
 
 // ---- RMSNorm -------------------------------------------------------------------------------------------
 
@@ -61,7 +38,7 @@ __global__ void __launch_bounds__(kThreads)
       const double v = to_f32(xr[j]);
       ss += v * v;
     }
-    ss = block_sum(ss, red);
+    ss = block_sum<kThreads>(ss, red);
     const float rs = static_cast<float>(1.0 / sqrt(ss / double(D) + eps));  // as the CPU: double, then cast
     if (rstd && threadIdx.x == 0) rstd[r] = rs;
     T* yr = y + r * D;
@@ -81,7 +58,7 @@ __global__ void __launch_bounds__(kThreads) k_rmsnorm_dx(const T* x, const T* w,
     double dot = 0;
     for (int64_t j = threadIdx.x; j < D; j += kThreads)
       dot += double(to_f32(gr[j])) * double(to_f32(w[j])) * double(to_f32(xr[j]));
-    dot = block_sum(dot, red);
+    dot = block_sum<kThreads>(dot, red);
     const float rs = rstd[r];
     const double rsd = rs;
     const float c = static_cast<float>(dot * rsd * rsd * rsd / double(D));
@@ -260,34 +237,6 @@ __global__ void k_rope(T* x, const float* cos_t, const float* sin_t, int64_t tok
 
 // 16-byte form (half a multiple of 8, x, cos and sin 16-byte aligned): item k is 8 consecutive pairs
 // (j .. j+7) of one head row; grid stride over rows * half / 8 items.
-__device__ __forceinline__ void ld8(const float* p, float (&f)[8]) {
-  const float4 a = reinterpret_cast<const float4*>(p)[0], b = reinterpret_cast<const float4*>(p)[1];
-  f[0] = a.x; f[1] = a.y; f[2] = a.z; f[3] = a.w; f[4] = b.x; f[5] = b.y; f[6] = b.z; f[7] = b.w;
-}
-__device__ __forceinline__ void ld8(const __nv_bfloat16* p, float (&f)[8]) {
-  const uint4 u = *reinterpret_cast<const uint4*>(p);
-  const uint32_t w[4] = {u.x, u.y, u.z, u.w};
-#pragma unroll
-  for (int j = 0; j < 4; ++j) {
-    f[2 * j] = __uint_as_float(w[j] << 16);
-    f[2 * j + 1] = __uint_as_float(w[j] & 0xffff0000u);
-  }
-}
-__device__ __forceinline__ void st8(float* p, const float (&f)[8]) {
-  reinterpret_cast<float4*>(p)[0] = make_float4(f[0], f[1], f[2], f[3]);
-  reinterpret_cast<float4*>(p)[1] = make_float4(f[4], f[5], f[6], f[7]);
-}
-__device__ __forceinline__ void st8(__nv_bfloat16* p, const float (&f)[8]) {
-  uint32_t w[4];
-#pragma unroll
-  for (int j = 0; j < 4; ++j) {
-    const uint32_t lo = __bfloat16_as_ushort(__float2bfloat16_rn(f[2 * j]));
-    const uint32_t hi = __bfloat16_as_ushort(__float2bfloat16_rn(f[2 * j + 1]));
-    w[j] = lo | (hi << 16);
-  }
-  *reinterpret_cast<uint4*>(p) = make_uint4(w[0], w[1], w[2], w[3]);
-}
-
 template <class T>
 __global__ void k_rope_vec(T* x, const float* cos_t, const float* sin_t, int64_t tokens, int64_t heads, int64_t half,
                            bool inverse) {
