@@ -84,7 +84,13 @@ say ""
 export OPDLM_GPU_REPORT=$OUT/parity.txt
 : >"$OPDLM_GPU_REPORT"
 failed_suites=0
-suites=$("$TESTS" --gtest_list_tests | grep -v '^ ' | sed 's/\.$//')
+listing=$("$TESTS" --gtest_list_tests 2>&1)
+lrc=$?
+if [ $lrc -ne 0 ]; then
+  say "- $TESTS could not list its tests (exit $lrc): $listing"
+  exit 1
+fi
+suites=$(echo "$listing" | grep -v '^ ' | grep '\.$' | sed 's/\.$//')
 say "| suite | tests | result | seconds |"
 say "| --- | --- | --- | --- |"
 for s in $suites; do
