@@ -22,13 +22,6 @@ using ops::MaskDescriptor;
 
 namespace {
 
-int64_t index_of(const Qwen3Weights& w, const std::string& name) {
-  const auto& t = w.tensors();
-  for (size_t i = 0; i < t.size(); ++i)
-    if (t[i].name == name) return static_cast<int64_t>(i);
-  OPDLM_FAIL("model has no tensor '", name, "'");
-}
-
 // ids and positions i32 [B, T] of the same shape, ids inside the vocabulary, positions >= 0.
 void check_tokens(const Tensor& ids, const Tensor& positions, int64_t vocab) {
   expect_cpu(ids, "ids");
@@ -177,16 +170,10 @@ Qwen3Model::Qwen3Model(Qwen3Weights weights, bool trainable, TensorParallel tp)
     expect_dtype(t, name.c_str(), {dtype()});
     expect_cpu(t, name.c_str());
   }
-  embed_idx_ = index_of(weights_, "model.embed_tokens.weight");
-  norm_idx_ = index_of(weights_, "model.norm.weight");
-  head_idx_ = c.tie_word_embeddings ? embed_idx_ : index_of(weights_, "lm_head.weight");
-  for (int64_t i = 0; i < c.num_hidden_layers; ++i) {
-    const std::string p = "model.layers." + std::to_string(i) + ".";
-    auto at = [&](const char* s) { return index_of(weights_, p + s); };
-    layer_idx_.push_back({at("input_layernorm.weight"), at("self_attn.q_proj.weight"), at("self_attn.k_proj.weight"),
-                          at("self_attn.v_proj.weight"), at("self_attn.o_proj.weight"), at("self_attn.q_norm.weight"),
-                          at("self_attn.k_norm.weight"), at("post_attention_layernorm.weight"),
-                          at("mlp.gate_proj.weight"), at("mlp.up_proj.weight"), at("mlp.down_proj.weight")});
+  {
+    Qwen3TensorIndex ix = weights_.tensor_index();
+    embed_idx_ = ix.embed, norm_idx_ = ix.norm, head_idx_ = ix.head;
+    layer_idx_ = std::move(ix.layers);
   }
   if (trainable_) {
     // Same names in the same order (same indices), every tensor a view of one flat buffer, so a

@@ -41,11 +41,29 @@ bool Qwen3Weights::has(const std::string& name) const {
   return false;
 }
 
-Tensor& Qwen3Weights::get(const std::string& name) {
-  for (auto& t : tensors_)
-    if (t.name == name) return t.value;
+int64_t Qwen3Weights::index(const std::string& name) const {
+  for (size_t i = 0; i < tensors_.size(); ++i)
+    if (tensors_[i].name == name) return static_cast<int64_t>(i);
   OPDLM_FAIL("model has no tensor '", name, "'");
 }
+
+Qwen3TensorIndex Qwen3Weights::tensor_index() const {
+  Qwen3TensorIndex ix;
+  ix.embed = index("model.embed_tokens.weight");
+  ix.norm = index("model.norm.weight");
+  ix.head = config_.tie_word_embeddings ? ix.embed : index("lm_head.weight");
+  for (int64_t i = 0; i < config_.num_hidden_layers; ++i) {
+    const std::string p = "model.layers." + std::to_string(i) + ".";
+    auto at = [&](const char* s) { return index(p + s); };
+    ix.layers.push_back({at("input_layernorm.weight"), at("self_attn.q_proj.weight"), at("self_attn.k_proj.weight"),
+                         at("self_attn.v_proj.weight"), at("self_attn.o_proj.weight"), at("self_attn.q_norm.weight"),
+                         at("self_attn.k_norm.weight"), at("post_attention_layernorm.weight"),
+                         at("mlp.gate_proj.weight"), at("mlp.up_proj.weight"), at("mlp.down_proj.weight")});
+  }
+  return ix;
+}
+
+Tensor& Qwen3Weights::get(const std::string& name) { return tensors_[size_t(index(name))].value; }
 
 const Tensor& Qwen3Weights::get(const std::string& name) const {
   return const_cast<Qwen3Weights*>(this)->get(name);

@@ -147,10 +147,7 @@ class Qwen3Model {
   static Tensor last_rows(int64_t batch, int64_t tokens);
 
  private:
-  struct LayerIdx {
-    int64_t input_norm, q_proj, k_proj, v_proj, o_proj, q_norm, k_norm, post_norm, gate_proj, up_proj,
-        down_proj;
-  };
+  using LayerIdx = Qwen3TensorIndex::Layer;
   // Forward of both kinds: cache == nullptr for a full sequence.
   Tensor run(const Tensor& ids, const Tensor& positions, std::span<const ops::MaskDescriptor> masks,
              const Tensor& rows, Qwen3Activations* acts, KVCache* cache, bool commit) const;

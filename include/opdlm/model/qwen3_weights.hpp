@@ -31,6 +31,16 @@ struct Qwen3LayerWeights {
   Tensor down_proj;    // model.layers.i.mlp.down_proj.weight              [H, I]
 };
 
+// Where every tensor the model reads sits in Qwen3Weights::tensors(): indices, not handles, so a
+// tensor replaced by a loader is seen by the next call. Shared by the CPU and the GPU model.
+struct Qwen3TensorIndex {
+  struct Layer {
+    int64_t input_norm, q_proj, k_proj, v_proj, o_proj, q_norm, k_norm, post_norm, gate_proj, up_proj, down_proj;
+  };
+  int64_t embed = 0, norm = 0, head = 0;  // head == embed when the embeddings are tied
+  std::vector<Layer> layers;
+};
+
 class Qwen3Weights {
  public:
   Qwen3Weights() = default;
@@ -45,6 +55,10 @@ class Qwen3Weights {
   std::vector<NamedTensor>& tensors() { return tensors_; }
   const std::vector<NamedTensor>& tensors() const { return tensors_; }
   bool has(const std::string& name) const;
+  // Position of `name` in tensors(); Error naming the tensor when absent.
+  int64_t index(const std::string& name) const;
+  // The index of every tensor the model reads (Error naming the first one absent).
+  Qwen3TensorIndex tensor_index() const;
   Tensor& get(const std::string& name);  // Error naming the tensor when absent
   const Tensor& get(const std::string& name) const;
 

@@ -27,13 +27,6 @@ namespace {
 // 256-byte aligned in f32 and bf16 (what cuBLASLt's fastest kernels want); padding stays zero.
 constexpr int64_t kParamAlign = 128;
 
-int64_t index_of(const model::Qwen3Weights& w, const std::string& name) {
-  const auto& t = w.tensors();
-  for (size_t i = 0; i < t.size(); ++i)
-    if (t[i].name == name) return static_cast<int64_t>(i);
-  OPDLM_FAIL("Qwen3CudaModel: model has no tensor '", name, "'");
-}
-
 std::string gib(size_t b) {
   char buf[32];
   std::snprintf(buf, sizeof buf, "%.3f GiB", double(b) / double(size_t(1) << 30));
@@ -92,16 +85,10 @@ Qwen3CudaModel::Qwen3CudaModel(const model::Qwen3Weights& weights, DType compute
     params_.push_back(p);
     flat_numel_ += (p.numel + kParamAlign - 1) / kParamAlign * kParamAlign;
   }
-  embed_idx_ = index_of(weights, "model.embed_tokens.weight");
-  norm_idx_ = index_of(weights, "model.norm.weight");
-  head_idx_ = c.tie_word_embeddings ? embed_idx_ : index_of(weights, "lm_head.weight");
-  for (int64_t i = 0; i < c.num_hidden_layers; ++i) {
-    const std::string p = "model.layers." + std::to_string(i) + ".";
-    auto at = [&](const char* s) { return index_of(weights, p + s); };
-    layer_idx_.push_back({at("input_layernorm.weight"), at("self_attn.q_proj.weight"), at("self_attn.k_proj.weight"),
-                          at("self_attn.v_proj.weight"), at("self_attn.o_proj.weight"), at("self_attn.q_norm.weight"),
-                          at("self_attn.k_norm.weight"), at("post_attention_layernorm.weight"),
-                          at("mlp.gate_proj.weight"), at("mlp.up_proj.weight"), at("mlp.down_proj.weight")});
+  {
+    model::Qwen3TensorIndex ix = weights.tensor_index();
+    embed_idx_ = ix.embed, norm_idx_ = ix.norm, head_idx_ = ix.head;
+    layer_idx_ = std::move(ix.layers);
   }
 
   // A blocking stream: ordered after legacy-default-stream work of callers (uploads with cudaMemcpy).

@@ -107,9 +107,7 @@ class Qwen3CudaModel {
     Shape shape;
     int64_t offset = 0, numel = 0;
   };
-  struct LayerIdx {
-    int64_t input_norm, q_proj, k_proj, v_proj, o_proj, q_norm, k_norm, post_norm, gate_proj, up_proj, down_proj;
-  };
+  using LayerIdx = model::Qwen3TensorIndex::Layer;
   // What one layer's backward needs (device pointers; lse and rstd are f32, the rest compute dtype).
   struct LayerActs {
     float* rstd_in = nullptr;
