@@ -5,6 +5,7 @@
 // teacher's log-probs, AdamW) match the CPU student's losses and final weights.
 #include <algorithm>
 #include <cmath>
+#include <functional>
 #include <cstdio>
 #include <cstring>
 #include <string>
@@ -226,6 +227,53 @@ TEST(Qwen3Cuda, RecomputeAndFrozenGiveTheSameBits) {
           << dtype_name(dt) << " frozen weight " << nt.name;
     }
   }
+}
+
+// ---- bad inputs: host-side errors that name the tensor, the element and the limit ---------------------
+
+std::string error_of(const std::function<void()>& f) {
+  try {
+    f();
+  } catch (const std::exception& e) {
+    return e.what();
+  }
+  return "(no error)";
+}
+
+TEST(Qwen3Cuda, BadInputsAreErrorsNamingTheTensor) {
+  const Qwen3Config c = tiny_config(true);
+  const Qwen3Weights w = random_weights(c, 5);
+  const Batch b = make_batch(c, false);
+  const int64_t n = b.ids.numel();
+  cuda::Qwen3CudaModel m(w, DType::f32, true, {n, n, 2, false});
+  cuda::Qwen3CudaModel frozen(w, DType::f32, false, {n, n, 2, false});
+
+  Tensor bad_ids = b.ids.clone();
+  bad_ids.data<int32_t>()[5] = int32_t(c.vocab_size);
+  const std::string vocab = error_of([&] { m.forward(bad_ids, b.positions, b.masks); });
+  EXPECT_NE(vocab.find("'ids'"), std::string::npos) << vocab;
+  EXPECT_NE(vocab.find("outside the vocabulary [0, 301)"), std::string::npos) << vocab;
+
+  const Tensor bad_rows = Tensor::from_vector(std::vector<int32_t>{0, int32_t(n)}, {2});
+  const std::string rows = error_of([&] { m.forward(b.ids, b.positions, b.masks, bad_rows); });
+  EXPECT_NE(rows.find("'rows'"), std::string::npos) << rows;
+  EXPECT_NE(rows.find("outside the token rows"), std::string::npos) << rows;
+
+  const Tensor big_ids = test::random_ids({3, 19}, 12, int32_t(c.vocab_size));
+  Tensor big_pos = Tensor::zeros({3, 19}, DType::i32);
+  const std::string budget = error_of([&] { m.forward(big_ids, big_pos, std::span(b.masks.data(), 1)); });
+  EXPECT_NE(budget.find("exceeds the activation budget"), std::string::npos) << budget;
+
+  const std::string frozen_bwd = error_of([&] {
+    frozen.forward(b.ids, b.positions, b.masks);
+    frozen.backward(nullptr);
+  });
+  EXPECT_NE(frozen_bwd.find("frozen model has no gradients"), std::string::npos) << frozen_bwd;
+  const std::string no_save = error_of([&] {
+    m.forward(b.ids, b.positions, b.masks);
+    m.backward(nullptr);
+  });
+  EXPECT_NE(no_save.find("save_for_backward = true"), std::string::npos) << no_save;
 }
 
 // ---- OPD row steps against the CPU student -----------------------------------------------------------
