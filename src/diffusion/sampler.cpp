@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <exception>
 #include <limits>
 #include <nlohmann/json.hpp>
 #include <numeric>
@@ -307,7 +308,7 @@ void denoise_step(Block& blk, const std::vector<const float*>& logits, int64_t V
     CounterRng rng({o.seed, RngPurpose::rollout_token, o.step, sample_id, static_cast<uint32_t>(j * s + t)});
     std::copy(logits[i], logits[i] + V, row.begin());
     row[size_t(o.mask_id)] = -std::numeric_limits<float>::infinity();
-    const int32_t tok = ops::sample_token(row.data(), V, o.sampling, rng, scratch.data()).token;
+    const int32_t tok = ops::draw_token(row.data(), V, o.sampling, rng, scratch.data());
     const RowStats st = row_stats(logits[i], V, o.strategy == Strategy::entropy_bounded);
     d[i] = {tok, static_cast<float>(std::exp(double(logits[i][tok]) - st.max - st.log_z)), st.entropy};
   }
@@ -380,7 +381,6 @@ std::vector<Rollout> bd_generate(const model::Qwen3Model& model, const std::vect
   std::vector<bool> alive(static_cast<size_t>(B), true);
   std::vector<int32_t> steps(static_cast<size_t>(B), 0);  // global step counter per sequence
   std::vector<Block> blk(static_cast<size_t>(B));
-  std::vector<float> masked_row(static_cast<size_t>(V)), scratch(static_cast<size_t>(V));
   Tensor ids = Tensor::empty({B, b}, DType::i32), pos = Tensor::empty({B, b}, DType::i32);
   std::vector<ops::MaskDescriptor> masks(static_cast<size_t>(B));
   // Block inputs: finished rows feed [MASK]s whose outputs nobody reads.
@@ -426,13 +426,34 @@ std::vector<Rollout> bd_generate(const model::Qwen3Model& model, const std::vect
         }
         continue;
       }
-      for (int64_t r : stepping) {
-        Rollout& ro = out[idx[size_t(r)]];
-        std::vector<const float*> lr;
-        for (int64_t i = 0; i < blk[size_t(r)].masked; ++i) lr.push_back(logits.data<float>() + int64_t(row++) * V);
-        ++ro.denoise_forwards;
-        denoise_step(blk[size_t(r)], lr, V, k, t, ++steps[size_t(r)], ro.sample_id, o, masked_row, scratch);
+      // Sequences draw independently (every draw has its own RNG key), so threads take them; each
+      // touches only its own block, rollout and step count.
+      std::vector<size_t> first(stepping.size() + 1, 0);
+      for (size_t i = 0; i < stepping.size(); ++i)
+        first[i + 1] = first[i] + static_cast<size_t>(blk[size_t(stepping[i])].masked);
+      std::exception_ptr failure;
+#pragma omp parallel if (stepping.size() > 1 && first.back() * size_t(V) >= (size_t{1} << 14))
+      {
+        // Per-thread buffers kept across steps (V floats each; 0.6 MB for Qwen3's vocabulary).
+        static thread_local std::vector<float> row_buf, scratch_buf;
+        row_buf.resize(static_cast<size_t>(V));
+        scratch_buf.resize(static_cast<size_t>(V));
+#pragma omp for schedule(static)
+        for (size_t i = 0; i < stepping.size(); ++i) {
+          const int64_t r = stepping[i];
+          try {
+            Rollout& ro = out[idx[size_t(r)]];
+            std::vector<const float*> lr;
+            for (size_t m = first[i]; m < first[i + 1]; ++m) lr.push_back(logits.data<float>() + int64_t(m) * V);
+            ++ro.denoise_forwards;
+            denoise_step(blk[size_t(r)], lr, V, k, t, ++steps[size_t(r)], ro.sample_id, o, row_buf, scratch_buf);
+          } catch (...) {
+#pragma omp critical(opdlm_bd_denoise)
+            if (!failure) failure = std::current_exception();
+          }
+        }
       }
+      if (failure) std::rethrow_exception(failure);
     }
     bool any = false;
     for (int64_t r = 0; r < B; ++r) {

@@ -3,6 +3,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <exception>
+#include <vector>
 
 #include "opdlm/base/error.hpp"
 #include "opdlm/ops/softmax.hpp"
@@ -45,18 +47,37 @@ std::vector<ArGeneration> ar_generate(const Qwen3Model& model, const std::vector
   Tensor logits = as_f32(model.forward_cached(ids, pos, masks, cache, /*commit=*/true, Qwen3Model::last_rows(B, P)));
 
   std::vector<bool> done(static_cast<size_t>(B), false);
-  std::vector<float> scratch(static_cast<size_t>(V));
+  std::vector<int32_t> drawn(static_cast<size_t>(B));
   Tensor next = Tensor::empty({B, 1}, DType::i32), next_pos = Tensor::empty({B, 1}, DType::i32);
   for (int64_t k = 0; k < o.max_new_tokens; ++k) {
+    // Rows draw independently (each draw has its own RNG key), so threads take them.
+    std::exception_ptr failure;
+#pragma omp parallel if (B > 1 && B * V >= (int64_t{1} << 14))
+    {
+      static thread_local std::vector<float> scratch;
+      scratch.resize(static_cast<size_t>(V));
+#pragma omp for schedule(static)
+      for (int64_t b = 0; b < B; ++b) {
+        if (done[static_cast<size_t>(b)]) continue;
+        try {
+          const int64_t position = static_cast<int64_t>(prompts[static_cast<size_t>(b)].size()) + k;
+          CounterRng rng({o.seed, RngPurpose::rollout_token, o.step, sample_ids[static_cast<size_t>(b)],
+                          static_cast<uint32_t>(position)});
+          drawn[static_cast<size_t>(b)] = ops::draw_token(logits.data<float>() + b * V, V, o.sampling, rng, scratch.data());
+        } catch (...) {
+#pragma omp critical(opdlm_ar_draw)
+          if (!failure) failure = std::current_exception();
+        }
+      }
+    }
+    if (failure) std::rethrow_exception(failure);
     bool all_done = true;
     for (int64_t b = 0; b < B; ++b) {
       auto& g = out[static_cast<size_t>(b)];
       const int64_t position = static_cast<int64_t>(prompts[static_cast<size_t>(b)].size()) + k;
       int32_t tok = o.pad_id;
       if (!done[static_cast<size_t>(b)]) {
-        CounterRng rng({o.seed, RngPurpose::rollout_token, o.step, sample_ids[static_cast<size_t>(b)],
-                        static_cast<uint32_t>(position)});
-        tok = ops::sample_token(logits.data<float>() + b * V, V, o.sampling, rng, scratch.data()).token;
+        tok = drawn[static_cast<size_t>(b)];
         g.tokens.push_back(tok);
         ++g.forwards;
         if (o.eos_id >= 0 && tok == o.eos_id) {

@@ -5,7 +5,9 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <mutex>
 #include <sstream>
+#include <unordered_map>
 
 namespace opdlm {
 
@@ -67,12 +69,81 @@ int64_t shape_numel(const Shape& s) {
   return n;
 }
 
+// ---- host block cache -----------------------------------------------------------------------------
+namespace {
+
+class HostBlockCache {
+ public:
+  HostBlockCache() {
+    if (const char* e = std::getenv("OPDLM_HOST_CACHE_MB")) {
+      char* end = nullptr;
+      const unsigned long long mb = std::strtoull(e, &end, 10);
+      if (end == e || *end != '\0')
+        OPDLM_FAIL("environment variable OPDLM_HOST_CACHE_MB: '", e, "' is not a whole number of MiB");
+      limit_ = static_cast<size_t>(mb) << 20;
+    }
+  }
+  // A cached block of exactly `bytes`, or nullptr.
+  void* take(size_t bytes) {
+    std::lock_guard<std::mutex> lock(mu_);
+    auto it = free_.find(bytes);
+    if (it == free_.end()) {
+      ++misses_;
+      return nullptr;
+    }
+    void* p = it->second;
+    free_.erase(it);
+    cached_ -= bytes;
+    ++hits_;
+    return p;
+  }
+  // Keeps `p` if it fits under the limit; false: the caller frees it.
+  bool give(void* p, size_t bytes) {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (cached_ + bytes > limit_) return false;
+    free_.emplace(bytes, p);
+    cached_ += bytes;
+    return true;
+  }
+  void configure(size_t limit) {
+    std::lock_guard<std::mutex> lock(mu_);
+    for (auto& [bytes, p] : free_) std::free(p);
+    free_.clear();
+    cached_ = 0;
+    limit_ = limit;
+  }
+  HostCacheStats stats() {
+    std::lock_guard<std::mutex> lock(mu_);
+    return {hits_, misses_, cached_, limit_};
+  }
+
+ private:
+  std::mutex mu_;
+  std::unordered_multimap<size_t, void*> free_;
+  size_t cached_ = 0, limit_ = size_t{2} << 30;
+  uint64_t hits_ = 0, misses_ = 0;
+};
+
+// Never destroyed: tensors with static storage duration may die after any other static.
+HostBlockCache& host_cache() {
+  static HostBlockCache* c = new HostBlockCache();
+  return *c;
+}
+
+}  // namespace
+
+HostCacheStats host_cache_stats() { return host_cache().stats(); }
+void host_cache_configure(size_t limit_bytes) { host_cache().configure(limit_bytes); }
+
 // ---- Storage ------------------------------------------------------------------------------------
+static size_t host_rounded(size_t nbytes) { return (nbytes + 63) / 64 * 64; }
+
 Storage::Storage(size_t nbytes, Device device) : nbytes_(nbytes), device_(device) {
   if (nbytes == 0) return;
   if (device == Device::cpu) {
-    size_t rounded = (nbytes + 63) / 64 * 64;
-    ptr_ = std::aligned_alloc(64, rounded);
+    const size_t rounded = host_rounded(nbytes);
+    if (rounded >= kHostCacheMinBytes) ptr_ = host_cache().take(rounded);
+    if (!ptr_) ptr_ = std::aligned_alloc(64, rounded);
     if (!ptr_) OPDLM_FAIL("out of host memory allocating ", nbytes, " bytes");
   } else {
     ptr_ = detail::cuda_alloc(nbytes);
@@ -81,8 +152,12 @@ Storage::Storage(size_t nbytes, Device device) : nbytes_(nbytes), device_(device
 
 Storage::~Storage() {
   if (!ptr_) return;
-  if (device_ == Device::cpu) std::free(ptr_);
-  else detail::cuda_free(ptr_);
+  if (device_ == Device::cpu) {
+    const size_t rounded = host_rounded(nbytes_);
+    if (rounded < kHostCacheMinBytes || !host_cache().give(ptr_, rounded)) std::free(ptr_);
+  } else {
+    detail::cuda_free(ptr_);
+  }
 }
 
 // ---- Tensor -------------------------------------------------------------------------------------

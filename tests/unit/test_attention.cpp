@@ -438,6 +438,33 @@ TEST(AttentionDecode, RowsWithOffsetMatchFullForward) {
   }
 }
 
+TEST(AttentionDecode, FewRowTilesMatchDenseReferenceInF32) {
+  // Decoding shapes (1 or 2 query positions, G = 1..2 heads a group: <= 4 stacked rows) take the
+  // vectorised per-row forward; head dims 5, 8, 12, 32 cover its lane tails. A NaN key and value that
+  // one row may not see (pad key 0 of batch row 1) must not reach that row.
+  for (int64_t D : {5, 8, 12, 32})
+    for (int64_t tq : {1, 2}) {
+      const int64_t B = 3, Tk = 37, Hq = 4, Hkv = 2;
+      const std::vector<MaskDescriptor> masks = {MaskDescriptor::causal(0, Tk - tq), MaskDescriptor::causal(1, Tk - tq),
+                                                 MaskDescriptor::block_causal(4, 9, 2, Tk - tq)};
+      const Case c{"decode", B, tq, Tk, Hq, Hkv, D, masks};
+      Tensor q = qkv(c, 0, DType::f32, 41), k = qkv(c, 1, DType::f32, 41), v = qkv(c, 2, DType::f32, 41);
+      const double scale = 1.0 / std::sqrt(double(D));
+      Tensor lse;
+      const Tensor o = ops::attention_forward(q, k, v, masks, scale, &lse);
+      const Dense ref = dense_attention(q, k, v, masks, scale);
+      EXPECT_LE(test::max_rel_err(o, ref.o), 1e-6) << "D " << D << " tq " << tq;
+      EXPECT_LE(test::max_rel_err(lse, ref.lse), 1e-6) << "D " << D << " tq " << tq;
+      for (int64_t e = 0; e < Hkv * D; ++e)
+        k.data<float>()[(1 * Tk + 0) * Hkv * D + e] = v.data<float>()[(1 * Tk + 0) * Hkv * D + e] = NAN;
+      const Tensor on = ops::attention_forward(q, k, v, masks, scale, nullptr);
+      for (int64_t i = 0; i < on.numel(); ++i) {
+        const bool row1 = i / (tq * Hq * D) == 1;
+        if (row1) ASSERT_EQ(on.item(i), o.item(i)) << "batch row 1 saw its pad key, element " << i;
+      }
+    }
+}
+
 namespace {
 void expect_error(const std::function<void()>& fn, const std::vector<std::string>& words) {
   try {

@@ -27,6 +27,11 @@ struct TokenDraw {
 TokenDraw sample_token(const float* logits, int64_t V, const SamplingParams& params, const CounterRng& rng,
                        float* scratch);
 
+// sample_token's token without its confidence (one pass over the vocabulary less): for callers that
+// do not need the confidence or compute it themselves.
+int32_t draw_token(const float* logits, int64_t V, const SamplingParams& params, const CounterRng& rng,
+                   float* scratch);
+
 // The filtering step alone (exposed for tests and the vocab-parallel path): writes the filtered,
 // temperature-scaled logits to `out` (-inf where removed).
 void filter_logits(const float* logits, int64_t V, const SamplingParams& params, float* out);

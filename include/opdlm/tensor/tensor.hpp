@@ -48,6 +48,20 @@ class Storage {
   Device device_;
 };
 
+// Host memory of large tensors (>= kHostCacheMinBytes) is kept when a tensor dies and handed to the
+// next tensor of the same rounded size. A training or decoding step allocates the same shapes every
+// step; without the cache each big allocation is a fresh mmap whose pages fault and are zeroed on first
+// touch (10 % of a medium-model training step). At most limit_bytes are kept (default 2 GiB, or the
+// environment's OPDLM_HOST_CACHE_MB); a block that does not fit is freed as before.
+inline constexpr size_t kHostCacheMinBytes = size_t{1} << 20;
+struct HostCacheStats {
+  uint64_t hits = 0, misses = 0;  // large host allocations served from the cache / by the system
+  size_t cached_bytes = 0, limit_bytes = 0;
+};
+HostCacheStats host_cache_stats();
+// Frees every cached block and sets the limit (0 turns caching off).
+void host_cache_configure(size_t limit_bytes);
+
 class Tensor {
  public:
   Tensor() = default;

@@ -28,13 +28,20 @@
 #include <type_traits>
 #include <vector>
 
-#if defined(__x86_64__) || defined(__i386__)
-#include <immintrin.h>
+#include "simd_avx2.hpp"
+#ifdef OPDLM_SIMD_X86
 #define OPDLM_ATTN_X86 1
 #endif
 
 namespace opdlm::ops {
 namespace {
+#ifdef OPDLM_ATTN_X86
+using simd::exp256;
+using simd::hmax256;
+using simd::hsum256;
+using simd::lanes;
+using simd::cpu_has_avx2_fma;
+#endif
 
 struct Dims {
   int64_t B, Tq, Tk, Hq, Hkv, D, G;
@@ -97,6 +104,8 @@ constexpr int64_t kMR = 4;          // rows of a micro-kernel block
 constexpr int64_t kNR = 16;         // key columns per packed panel (S micro-kernel width)
 constexpr int64_t kDB = 16;         // head-dim columns per micro-kernel pass (the head dim is padded to it)
 constexpr int64_t kTileRows = 128;  // target stacked rows (query positions x G heads) per tile
+// Tiles of at most this many stacked rows take the per-row forward (forward_rows_avx2): no packing.
+constexpr int64_t kRowPathRows = 4;
 constexpr int64_t kRedKeys = 64;    // keys per dK/dV reduction task
 
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
@@ -318,48 +327,6 @@ struct PortableOps {
 };
 
 #ifdef OPDLM_ATTN_X86
-#define OPDLM_AVX2 __attribute__((target("avx2,fma")))
-
-// expf for x <= 88 (Cephes: x = n ln2 + r, |r| <= ln2/2, degree-6 polynomial, about 1 ulp); 0 below
-// -87.3, where expf is subnormal.
-OPDLM_AVX2 inline __m256 exp256(__m256 x) {
-  const __m256 lo = _mm256_set1_ps(-87.3f);
-  const __m256 under = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
-  x = _mm256_min_ps(_mm256_max_ps(x, lo), _mm256_set1_ps(88.0f));
-  const __m256 fx = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m256 r = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
-  r = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), r);
-  __m256 y = _mm256_set1_ps(1.9875691500e-4f);
-  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.3981999507e-3f));
-  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(8.3334519073e-3f));
-  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(4.1665795894e-2f));
-  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.6666665459e-1f));
-  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(5.0000001201e-1f));
-  y = _mm256_fmadd_ps(y, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
-  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(fx), _mm256_set1_epi32(127)), 23);
-  return _mm256_andnot_ps(under, _mm256_mul_ps(y, _mm256_castsi256_ps(e)));
-}
-
-OPDLM_AVX2 inline float hsum256(__m256 v) {
-  __m128 x = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  x = _mm_add_ps(x, _mm_movehl_ps(x, x));
-  x = _mm_add_ss(x, _mm_movehdup_ps(x));
-  return _mm_cvtss_f32(x);
-}
-
-OPDLM_AVX2 inline float hmax256(__m256 v) {
-  __m128 x = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  x = _mm_max_ps(x, _mm_movehl_ps(x, x));
-  x = _mm_max_ss(x, _mm_movehdup_ps(x));
-  return _mm_cvtss_f32(x);
-}
-
-// Lanes [0, n) set, 0 <= n <= 8.
-OPDLM_AVX2 inline __m256i lanes(int64_t n) {
-  return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-}
-
 struct Avx2Ops {
   OPDLM_AVX2 static void panels(const float* rows, int64_t Np, int64_t Dp, float* out) {
     for (int64_t c0 = 0; c0 < Np; c0 += 8)
@@ -533,13 +500,79 @@ struct Avx2Ops {
   }
 };
 
-bool cpu_has_avx2_fma() {
-  static const bool ok = [] {
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  }();
-  return ok;
+// The per-row forward (forward_rows) vectorised, for tiles of a few query positions (decoding: 1 to
+// 8 tokens a step). There the blocked path's packing of the tile's keys and values costs as much as
+// the products themselves (12 % of a block-diffusion decode); here each row reads its allowed keys
+// and values in place. Non-finite values only reach the rows allowed to see them, as in forward_rows.
+OPDLM_AVX2 inline float dot_avx2(const float* a, const float* b, int64_t n) {
+  __m256 acc = _mm256_setzero_ps();
+  int64_t e = 0;
+  for (; e + 8 <= n; e += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + e), _mm256_loadu_ps(b + e), acc);
+  if (e < n) {
+    const __m256i m = lanes(n - e);
+    acc = _mm256_fmadd_ps(_mm256_maskload_ps(a + e, m), _mm256_maskload_ps(b + e, m), acc);
+  }
+  return hsum256(acc);
 }
+
+OPDLM_AVX2 void forward_rows_avx2(const Dims& d, const MaskDescriptor& m, const TileGeom& g, int64_t hk, float scale,
+                                  const float* Q, const float* K, const float* V, float* O, float* LSE, float* sc,
+                                  float* acc) {
+  const int64_t D = d.D, ks = d.Hkv * D;
+  const float* Kb = K + (g.b * d.Tk * d.Hkv + hk) * D;
+  const float* Vb = V + (g.b * d.Tk * d.Hkv + hk) * D;
+  const __m256i tail = lanes(D % 8);
+  const int64_t D8 = D - D % 8;
+  for (int64_t i = g.i0; i < g.i1; ++i) {
+    KeyRange r[2];
+    const int nr = m.ranges(i, d.Tk, r);
+    for (int64_t h = hk * d.G; h < (hk + 1) * d.G; ++h) {
+      const int64_t row = (g.b * d.Tq + i) * d.Hq + h;
+      const float* qp = Q + row * D;
+      float mx = -std::numeric_limits<float>::infinity();
+      for (int ri = 0; ri < nr; ++ri)
+        for (int64_t j = r[ri].begin; j < r[ri].end; ++j) {
+          sc[j] = dot_avx2(qp, Kb + j * ks, D) * scale;
+          mx = std::max(mx, sc[j]);
+        }
+      const __m256 vmx = _mm256_set1_ps(mx);
+      __m256 vsum = _mm256_setzero_ps();
+      for (int ri = 0; ri < nr; ++ri) {
+        int64_t j = r[ri].begin;
+        for (; j + 8 <= r[ri].end; j += 8) {
+          const __m256 p = exp256(_mm256_sub_ps(_mm256_loadu_ps(sc + j), vmx));
+          _mm256_storeu_ps(sc + j, p);
+          vsum = _mm256_add_ps(vsum, p);
+        }
+        if (j < r[ri].end) {
+          const __m256i msk = lanes(r[ri].end - j);
+          const __m256 p = _mm256_and_ps(exp256(_mm256_sub_ps(_mm256_maskload_ps(sc + j, msk), vmx)),
+                                         _mm256_castsi256_ps(msk));
+          _mm256_maskstore_ps(sc + j, msk, p);
+          vsum = _mm256_add_ps(vsum, p);
+        }
+      }
+      std::fill(acc, acc + D, 0.0f);
+      for (int ri = 0; ri < nr; ++ri)
+        for (int64_t j = r[ri].begin; j < r[ri].end; ++j) {
+          const __m256 p = _mm256_set1_ps(sc[j]);
+          const float* vp = Vb + j * ks;
+          int64_t e = 0;
+          for (; e < D8; e += 8)
+            _mm256_storeu_ps(acc + e, _mm256_fmadd_ps(p, _mm256_loadu_ps(vp + e), _mm256_loadu_ps(acc + e)));
+          if (e < D)
+            _mm256_maskstore_ps(acc + e, tail,
+                                _mm256_fmadd_ps(p, _mm256_maskload_ps(vp + e, tail), _mm256_maskload_ps(acc + e, tail)));
+        }
+      // Every row has >= 1 key and its max term is exp(0) = 1, so sum >= 1.
+      const float sum = hsum256(vsum), inv = 1.0f / sum;
+      float* op = O + row * D;
+      for (int64_t e = 0; e < D; ++e) op[e] = acc[e] * inv;
+      LSE[(g.b * d.Hq + h) * d.Tq + i] = mx + std::log(sum);
+    }
+  }
+}
+
 #endif  // OPDLM_ATTN_X86
 
 // ================================= per-row path (non-finite tiles) =================================
@@ -638,6 +671,10 @@ void forward_tile(const Dims& d, const MaskDescriptor& m, const TileGeom& g, int
                   const T* K, const T* V, T* O, T* LSE, Scratch<T>& sc) {
   const int64_t G = d.G, D = d.D, Dp = round_up(D, kDB), R = (g.i1 - g.i0) * G, Rp = round_up(R, kMR);
   const int64_t Np = round_up(g.n, kNR);
+#ifdef OPDLM_ATTN_X86
+  if constexpr (std::is_same_v<Ops, Avx2Ops>)
+    if (R <= kRowPathRows) return forward_rows_avx2(d, m, g, hk, scale, Q, K, V, O, LSE, sc.s.get(d.Tk), sc.acc.get(D));
+#endif
   T* qp = sc.qp.get(Rp * Dp);
   T* kr = sc.kr.get(Np * Dp);
   T* vr = sc.vr.get(Np * Dp);

@@ -1,5 +1,5 @@
-// CPU matmul (2-D, batched, broadcast b) through OpenBLAS cblas_sgemm/cblas_dgemm, and the Linear
-// forward/backward built on it.
+// CPU matmul (2-D, batched, broadcast b) through OpenBLAS cblas_sgemm/cblas_dgemm, a small-row
+// kernel for decoding-sized products, and the Linear forward/backward built on them.
 #include "opdlm/ops/matmul.hpp"
 
 #include <cblas.h>
@@ -7,6 +7,9 @@
 #include <algorithm>
 #include <climits>
 #include <cstring>
+#include <type_traits>
+
+#include "simd_avx2.hpp"
 
 namespace opdlm::ops {
 namespace {
@@ -35,6 +38,89 @@ void gemm(bool ta, bool tb, int m, int n, int k, double alpha, const double* a, 
               alpha, a, lda, b, ldb, beta, c, ldc);
 }
 
+// ---- small-row products (decoding) ---------------------------------------------------------------
+// c [m, n] = a [m, k] @ b^T, b [n, k], for a few rows (a decoding step: batch x 1..8 tokens).
+// OpenBLAS packs all of b for every such call and splits the work along m, so with 8 rows one thread
+// packs and multiplies while the other waits (a profile of AR decoding: 30 % of the wall time in the
+// idle thread's spin). Here threads split the output columns and every b row is read once, straight
+// from memory, and multiplied with all m rows while it sits in L1. Each output is one thread's dot
+// product in a fixed order, so the bits do not depend on the thread count.
+constexpr int64_t kSmallRows = 32;
+
+#ifdef OPDLM_SIMD_X86
+// MR rows of a times NR rows of b: MR * NR accumulators of 8 lanes, summed across lanes at the end.
+template <int MR, int NR>
+OPDLM_AVX2 void small_rows_kernel(const float* a, int64_t lda, const float* b, int64_t ldb, int64_t k, float* c,
+                                  int64_t ldc) {
+  __m256 acc[MR][NR];
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < NR; ++j) acc[i][j] = _mm256_setzero_ps();
+  int64_t p = 0;
+  for (; p + 8 <= k; p += 8) {
+    __m256 bv[NR];
+    for (int j = 0; j < NR; ++j) bv[j] = _mm256_loadu_ps(b + j * ldb + p);
+    for (int i = 0; i < MR; ++i) {
+      const __m256 av = _mm256_loadu_ps(a + i * lda + p);
+      for (int j = 0; j < NR; ++j) acc[i][j] = _mm256_fmadd_ps(av, bv[j], acc[i][j]);
+    }
+  }
+  if (p < k) {
+    const __m256i msk = simd::lanes(k - p);
+    __m256 bv[NR];
+    for (int j = 0; j < NR; ++j) bv[j] = _mm256_maskload_ps(b + j * ldb + p, msk);
+    for (int i = 0; i < MR; ++i) {
+      const __m256 av = _mm256_maskload_ps(a + i * lda + p, msk);
+      for (int j = 0; j < NR; ++j) acc[i][j] = _mm256_fmadd_ps(av, bv[j], acc[i][j]);
+    }
+  }
+  for (int i = 0; i < MR; ++i) {
+    if constexpr (NR == 4) {  // the 4 lane sums of a row at once: 3 hadds, one add, one store
+      const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(acc[i][0], acc[i][1]), _mm256_hadd_ps(acc[i][2], acc[i][3]));
+      _mm_storeu_ps(c + i * ldc, _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1)));
+    } else {
+      for (int j = 0; j < NR; ++j) c[i * ldc + j] = simd::hsum256(acc[i][j]);
+    }
+  }
+}
+
+template <int MR>
+OPDLM_AVX2 void small_rows_panel(const float* a, int64_t lda, const float* b, int64_t ldb, int nr, int64_t k,
+                                 float* c, int64_t ldc) {
+  switch (nr) {
+    case 4: small_rows_kernel<MR, 4>(a, lda, b, ldb, k, c, ldc); break;
+    case 3: small_rows_kernel<MR, 3>(a, lda, b, ldb, k, c, ldc); break;
+    case 2: small_rows_kernel<MR, 2>(a, lda, b, ldb, k, c, ldc); break;
+    default: small_rows_kernel<MR, 1>(a, lda, b, ldb, k, c, ldc); break;
+  }
+}
+
+// c = a @ b^T (beta = 0) for m <= kSmallRows rows, all row-major and contiguous.
+OPDLM_AVX2 void small_rows_nt(const float* a, int64_t m, int64_t k, const float* b, int64_t n, float* c) {
+  const int64_t panels = (n + 3) / 4;
+  // A thread team costs a few microseconds to wake: not worth it for a few thousand FMAs.
+#pragma omp parallel for schedule(static) if (m * n * k >= (int64_t{1} << 16))
+  for (int64_t q = 0; q < panels; ++q) {
+    const int64_t j0 = q * 4;
+    const int nr = static_cast<int>(std::min<int64_t>(4, n - j0));
+    int64_t i = 0;
+    for (; i + 2 <= m; i += 2) small_rows_panel<2>(a + i * k, k, b + j0 * k, k, nr, k, c + i * n + j0, n);
+    if (i < m) small_rows_panel<1>(a + i * k, k, b + j0 * k, k, nr, k, c + i * n + j0, n);
+  }
+}
+#endif
+
+// Whether c = alpha a @ b^T + beta c can take small_rows_nt.
+template <class T>
+bool use_small_rows(bool ta, bool tb, int64_t rows, double alpha, double beta) {
+#ifdef OPDLM_SIMD_X86
+  return std::is_same_v<T, float> && !ta && tb && rows <= kSmallRows && alpha == 1 && beta == 0 &&
+         simd::cpu_has_avx2_fma();
+#else
+  (void)ta, (void)tb, (void)rows, (void)alpha, (void)beta;
+  return false;
+#endif
+}
+
 template <class T>
 void matmul_impl(const Tensor& a, bool ta, const Tensor& b, bool tb, Tensor& c, double alpha, double beta,
                  int64_t batch, int64_t m, int64_t n, int64_t k) {
@@ -52,6 +138,15 @@ void matmul_impl(const Tensor& a, bool ta, const Tensor& b, bool tb, Tensor& c, 
   const int lda = blas_int(ta ? m : k, "lda"), ldb = blas_int(tb ? k : n, "ldb");
   const int ldc = blas_int(n, "ldc"), ni = blas_int(n, "N"), ki = blas_int(k, "K");
   const bool b_shared = b.ndim() == 2 && batch > 1;
+#ifdef OPDLM_SIMD_X86
+  if constexpr (std::is_same_v<T, float>) {
+    const int64_t rows = b_shared || batch == 1 ? batch * m : m + kSmallRows;  // batched b: not here
+    if (use_small_rows<T>(ta, tb, rows, alpha, beta)) {
+      small_rows_nt(A, rows, k, B, n, C);
+      return;
+    }
+  }
+#endif
   if (b_shared && !ta) {
     // a [B, M, K] row-major is [B*M, K]: one large GEMM instead of B small ones.
     gemm(false, tb, blas_int(batch * m, "B*M"), ni, ki, alpha, A, lda, B, ldb, beta, C, ldc);

@@ -56,12 +56,18 @@ void filter_logits(const float* logits, int64_t V, const SamplingParams& p, floa
   }
 }
 
+int32_t draw_token(const float* logits, int64_t V, const SamplingParams& params, const CounterRng& rng,
+                   float* scratch) {
+  filter_logits(logits, V, params, scratch);
+  const int32_t token = static_cast<int32_t>(categorical_gumbel(rng, scratch, V, 0));
+  OPDLM_CHECK(token >= 0, "every logit was filtered out");
+  return token;
+}
+
 TokenDraw sample_token(const float* logits, int64_t V, const SamplingParams& params, const CounterRng& rng,
                        float* scratch) {
-  filter_logits(logits, V, params, scratch);
   TokenDraw d;
-  d.token = static_cast<int32_t>(categorical_gumbel(rng, scratch, V, 0));
-  OPDLM_CHECK(d.token >= 0, "every logit was filtered out");
+  d.token = draw_token(logits, V, params, rng, scratch);
   // Confidence under the raw softmax (temperature 1, no filters), computed stably in double.
   double mx = -std::numeric_limits<double>::infinity();
   for (int64_t v = 0; v < V; ++v) mx = std::max(mx, double(logits[v]));
