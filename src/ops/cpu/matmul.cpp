@@ -49,7 +49,7 @@ constexpr int64_t kSmallRows = 32;
 
 #ifdef OPDLM_SIMD_X86
 // MR rows of a times NR rows of b: MR * NR accumulators of 8 lanes, summed across lanes at the end.
-template <int MR, int NR>
+template <int MR, int NR, bool PF = false>
 OPDLM_AVX2 void small_rows_kernel(const float* a, int64_t lda, const float* b, int64_t ldb, int64_t k, float* c,
                                   int64_t ldc) {
   __m256 acc[MR][NR];
@@ -58,7 +58,14 @@ OPDLM_AVX2 void small_rows_kernel(const float* a, int64_t lda, const float* b, i
   int64_t p = 0;
   for (; p + 8 <= k; p += 8) {
     __m256 bv[NR];
-    for (int j = 0; j < NR; ++j) bv[j] = _mm256_loadu_ps(b + j * ldb + p);
+    if (PF && (p & 15) == 0)  // the next panel's rows, a panel ahead (prefetches never fault)
+      for (int j = 0; j < NR; ++j) _mm_prefetch(reinterpret_cast<const char*>(b + (NR + j) * ldb + p), _MM_HINT_T0);
+    for (int j = 0; j < NR; ++j) {
+      bv[j] = _mm256_loadu_ps(b + j * ldb + p);
+      // Keep it in a register: folded into each row's FMA as a memory operand, b would be loaded MR
+      // times, and the loads, not the FMAs, would set the pace.
+      __asm__("" : "+x"(bv[j]));
+    }
     for (int i = 0; i < MR; ++i) {
       const __m256 av = _mm256_loadu_ps(a + i * lda + p);
       for (int j = 0; j < NR; ++j) acc[i][j] = _mm256_fmadd_ps(av, bv[j], acc[i][j]);
@@ -83,11 +90,11 @@ OPDLM_AVX2 void small_rows_kernel(const float* a, int64_t lda, const float* b, i
   }
 }
 
-template <int MR>
+template <int MR, bool PF = false>
 OPDLM_AVX2 void small_rows_panel(const float* a, int64_t lda, const float* b, int64_t ldb, int nr, int64_t k,
                                  float* c, int64_t ldc) {
   switch (nr) {
-    case 4: small_rows_kernel<MR, 4>(a, lda, b, ldb, k, c, ldc); break;
+    case 4: small_rows_kernel<MR, 4, PF>(a, lda, b, ldb, k, c, ldc); break;
     case 3: small_rows_kernel<MR, 3>(a, lda, b, ldb, k, c, ldc); break;
     case 2: small_rows_kernel<MR, 2>(a, lda, b, ldb, k, c, ldc); break;
     default: small_rows_kernel<MR, 1>(a, lda, b, ldb, k, c, ldc); break;
@@ -102,7 +109,8 @@ OPDLM_AVX2 void small_rows_nt(const float* a, int64_t m, int64_t k, const float*
   for (int64_t q = 0; q < panels; ++q) {
     const int64_t j0 = q * 4;
     const int nr = static_cast<int>(std::min<int64_t>(4, n - j0));
-    int64_t i = 0;
+    int64_t i = m >= 2 ? 2 : 0;
+    if (m >= 2) small_rows_panel<2, true>(a, k, b + j0 * k, k, nr, k, c + j0, n);  // streams the panel in
     for (; i + 2 <= m; i += 2) small_rows_panel<2>(a + i * k, k, b + j0 * k, k, nr, k, c + i * n + j0, n);
     if (i < m) small_rows_panel<1>(a + i * k, k, b + j0 * k, k, nr, k, c + i * n + j0, n);
   }
