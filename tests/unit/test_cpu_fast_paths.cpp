@@ -18,6 +18,7 @@
 #include "opdlm/ops/sampling.hpp"
 #include "opdlm/ops/swiglu.hpp"
 #include "test_util.hpp"
+#include "../../src/ops/cpu/simd_avx2.hpp"  // internal: the vectorised exps
 
 using namespace opdlm;
 
@@ -131,6 +132,42 @@ TEST(VectorisedElementwise, CrossEntropyMatchesDoubleOnLargeVocabulary) {
   EXPECT_NEAR(dz.item(1 * V + 4098), dz64.item(1 * V + 4098), 1e-7);
   EXPECT_LT(dz.item(0), 0.0);
 }
+
+// ==== the vectorised exps ===========================================================================
+#ifdef OPDLM_SIMD_X86
+namespace {
+OPDLM_AVX2 void exp4d(const double* in, double* out) {
+  _mm256_storeu_pd(out, ops::simd::exp256d_nonpos(_mm256_loadu_pd(in)));
+}
+OPDLM_AVX2 void exp8f(const float* in, float* out) { _mm256_storeu_ps(out, ops::simd::exp256(_mm256_loadu_ps(in))); }
+}  // namespace
+
+TEST(VectorisedExp, FloatAndDoubleAgainstLibm) {
+  if (!ops::simd::cpu_has_avx2_fma()) GTEST_SKIP() << "no AVX2+FMA on this CPU";
+  double worst_f = 0, worst_d = 0;
+  for (double x = -750.0; x <= 0.0; x += 0.0137) {
+    double in[4] = {x, x * 0.5, x * 1e-3, x * 1e-9 - 1e-12}, out[4];
+    exp4d(in, out);
+    for (int i = 0; i < 4; ++i) {
+      const double ref = in[i] < -708.0 ? 0.0 : std::exp(in[i]);
+      if (ref == 0.0) ASSERT_EQ(out[i], 0.0) << in[i];
+      else worst_d = std::max(worst_d, std::fabs(out[i] - ref) / ref);
+    }
+    if (x > -87.0) {
+      float fin[8], fout[8];
+      for (int i = 0; i < 8; ++i) fin[i] = static_cast<float>(x / (1 + i));
+      exp8f(fin, fout);
+      for (int i = 0; i < 8; ++i) {
+        const double ref = std::exp(double(fin[i]));
+        worst_f = std::max(worst_f, std::fabs(fout[i] - ref) / ref);
+      }
+    }
+  }
+  std::printf("[exp] worst relative error: double %.3g, float %.3g\n", worst_d, worst_f);
+  EXPECT_LE(worst_d, 1e-15);  // a few ulp of double
+  EXPECT_LE(worst_f, 3e-7);   // ~2 ulp of float
+}
+#endif
 
 // ==== host block cache ==============================================================================
 TEST(HostBlockCache, LargeBlocksAreReusedSmallOnesAndOverLimitAreNot) {
