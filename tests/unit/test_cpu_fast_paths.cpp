@@ -39,11 +39,12 @@ struct ThreadCount {
 
 // ==== small-row products (x @ w^T with few rows) =====================================================
 TEST(SmallRowMatmul, MatchesDoubleReferenceOnEveryTail) {
-  // Rows around the kernel's 2-row step and the 32-row limit; columns around its 4-column panels;
-  // inner sizes around its 8-lane vectors (1, 7: mask-only loads).
-  for (int64_t m : {1, 2, 3, 8, 31, 32, 33})
+  // Rows: the few-row kernel (1..8), around the 2-row step and the 32-row limit; columns around the
+  // 4-column panels; inner sizes around the 8-lane vectors (1, 7: mask-only loads) and the few-row
+  // kernel's k limit (600: rows <= 8 take the 2 x 4 kernel).
+  for (int64_t m : {1, 2, 3, 5, 7, 8, 9, 31, 32, 33})
     for (int64_t n : {1, 3, 4, 5, 17, 130})
-      for (int64_t k : {1, 7, 8, 9, 33, 128}) {
+      for (int64_t k : {1, 7, 8, 9, 33, 128, 600}) {
         const Tensor a = test::random_tensor({m, k}, uint32_t(m * 1000 + n * 10 + k), -1, 1, DType::f32);
         const Tensor b = test::random_tensor({n, k}, uint32_t(7 + m + n + k), -1, 1, DType::f32);
         const Tensor c = ops::matmul(a, false, b, true);
@@ -54,19 +55,22 @@ TEST(SmallRowMatmul, MatchesDoubleReferenceOnEveryTail) {
       }
 }
 
-TEST(SmallRowMatmul, SameBitsForAnyThreadCountAndAsLinearForward) {
+TEST(SmallRowMatmul, SameBitsForAnyThreadCountAndAnyNumberOfRows) {
   ThreadCount restore;
+  // 1002 columns: 250 full 4-column panels and a 2-column one. 24 rows take the 2 x 4 kernel, 1 and 8
+  // rows the few-row kernel: a row's outputs must not depend on which kernel or how many rows.
   const Tensor x = test::random_tensor({24, 384}, 5, -1, 1, DType::f32);
-  const Tensor w = test::random_tensor({1000, 384}, 6, -1, 1, DType::f32);
+  const Tensor w = test::random_tensor({1002, 384}, 6, -1, 1, DType::f32);
   omp_set_num_threads(1);
   const Tensor one = ops::linear_forward(x, w);
   for (int threads : {2, 3}) {
     omp_set_num_threads(threads);
     EXPECT_TRUE(same_bits(one, ops::linear_forward(x, w))) << threads << " threads";
   }
-  // Each row's outputs do not depend on the other rows: row 5 alone gives the same bits.
   const Tensor row5 = ops::linear_forward(x.slice(5, 6).clone(), w);
-  EXPECT_EQ(std::memcmp(row5.raw_data(), one.data<float>() + 5 * 1000, 1000 * sizeof(float)), 0);
+  EXPECT_EQ(std::memcmp(row5.raw_data(), one.data<float>() + 5 * 1002, 1002 * sizeof(float)), 0);
+  const Tensor rows8 = ops::linear_forward(x.slice(8, 16).clone(), w);
+  EXPECT_EQ(std::memcmp(rows8.raw_data(), one.data<float>() + 8 * 1002, 8 * 1002 * sizeof(float)), 0);
   EXPECT_LE(test::max_abs_err(one, ops::linear_forward(x.to(DType::f64), w.to(DType::f64))), 1e-4);
 }
 
