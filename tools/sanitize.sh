@@ -18,6 +18,9 @@ export ASAN_OPTIONS=${ASAN_OPTIONS:-detect_leaks=1:abort_on_error=1}
 export LSAN_OPTIONS=${LSAN_OPTIONS:-suppressions=$PWD/tests/fuzz/lsan.supp:print_suppressions=0}
 export UBSAN_OPTIONS=${UBSAN_OPTIONS:-print_stacktrace=1:halt_on_error=1}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} OPENBLAS_NUM_THREADS=1
+# No host block cache: a freed tensor must reach ASan, so a use after free is caught
+# (HostBlockCache.* turns it on for its own checks).
+export OPDLM_HOST_CACHE_MB=0
 echo "sanitize: unit tests under ASan + UBSan"
 start=$(date +%s)
 # The one unit test that starts MPI runs without leak detection: Open MPI's start-up keeps memory in

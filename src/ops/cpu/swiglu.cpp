@@ -39,39 +39,43 @@ OPDLM_AVX2 inline __m256 sigmoid256(__m256 g) {
 
 constexpr int64_t kChunk = 1 << 12;  // elements per OpenMP work item
 
-OPDLM_AVX2 void forward_avx2(const float* g, const float* u, float* h, int64_t n) {
-#pragma omp parallel for schedule(static) if (n > (1 << 15))
-  for (int64_t c = 0; c < n; c += kChunk) {
-    const int64_t e = std::min(n, c + kChunk);
-    int64_t i = c;
-    for (; i + 8 <= e; i += 8) {
-      const __m256 gv = _mm256_loadu_ps(g + i);
-      _mm256_storeu_ps(h + i, _mm256_mul_ps(_mm256_mul_ps(gv, sigmoid256(gv)), _mm256_loadu_ps(u + i)));
-    }
-    if (i < e) {
-      const __m256i m = simd::lanes(e - i);
-      const __m256 gv = _mm256_maskload_ps(g + i, m);
-      _mm256_maskstore_ps(h + i, m, _mm256_mul_ps(_mm256_mul_ps(gv, sigmoid256(gv)), _mm256_maskload_ps(u + i, m)));
-    }
+OPDLM_AVX2 void forward_chunk(const float* g, const float* u, float* h, int64_t i, int64_t e) {
+  for (; i + 8 <= e; i += 8) {
+    const __m256 gv = _mm256_loadu_ps(g + i);
+    _mm256_storeu_ps(h + i, _mm256_mul_ps(_mm256_mul_ps(gv, sigmoid256(gv)), _mm256_loadu_ps(u + i)));
+  }
+  if (i < e) {
+    const __m256i m = simd::lanes(e - i);
+    const __m256 gv = _mm256_maskload_ps(g + i, m);
+    _mm256_maskstore_ps(h + i, m, _mm256_mul_ps(_mm256_mul_ps(gv, sigmoid256(gv)), _mm256_maskload_ps(u + i, m)));
   }
 }
 
-// dg, du may alias the inputs: every lane is loaded before it is stored.
-OPDLM_AVX2 void backward_avx2(const float* g, const float* u, const float* dh, float* dg, float* du, int64_t n) {
+// The OpenMP loops stay outside the target("avx2") functions: clang outlines a parallel region
+// without its function's target features.
+void forward_avx2(const float* g, const float* u, float* h, int64_t n) {
 #pragma omp parallel for schedule(static) if (n > (1 << 15))
-  for (int64_t c = 0; c < n; c += kChunk) {
-    const int64_t e = std::min(n, c + kChunk);
-    for (int64_t i = c; i < e; i += 8) {
-      const __m256i m = simd::lanes(std::min<int64_t>(8, e - i));
-      const __m256 gv = _mm256_maskload_ps(g + i, m), uv = _mm256_maskload_ps(u + i, m);
-      const __m256 d = _mm256_maskload_ps(dh + i, m), sv = sigmoid256(gv);
-      const __m256 one_minus = _mm256_sub_ps(_mm256_set1_ps(1.0f), sv);
-      if (dg)  // d * u * (s + g * s * (1 - s))
-        _mm256_maskstore_ps(dg + i, m,
-                            _mm256_mul_ps(_mm256_mul_ps(d, uv), _mm256_add_ps(sv, _mm256_mul_ps(_mm256_mul_ps(gv, sv), one_minus))));
-      if (du) _mm256_maskstore_ps(du + i, m, _mm256_mul_ps(_mm256_mul_ps(d, gv), sv));
-    }
+  for (int64_t c = 0; c < n; c += kChunk) forward_chunk(g, u, h, c, std::min(n, c + kChunk));
+}
+
+// dg, du may alias the inputs: every lane is loaded before it is stored.
+OPDLM_AVX2 void backward_chunk(const float* g, const float* u, const float* dh, float* dg, float* du, int64_t c,
+                               int64_t e) {
+  for (int64_t i = c; i < e; i += 8) {
+    const __m256i m = simd::lanes(std::min<int64_t>(8, e - i));
+    const __m256 gv = _mm256_maskload_ps(g + i, m), uv = _mm256_maskload_ps(u + i, m);
+    const __m256 d = _mm256_maskload_ps(dh + i, m), sv = sigmoid256(gv);
+    const __m256 one_minus = _mm256_sub_ps(_mm256_set1_ps(1.0f), sv);
+    if (dg)  // d * u * (s + g * s * (1 - s))
+      _mm256_maskstore_ps(dg + i, m,
+                          _mm256_mul_ps(_mm256_mul_ps(d, uv), _mm256_add_ps(sv, _mm256_mul_ps(_mm256_mul_ps(gv, sv), one_minus))));
+    if (du) _mm256_maskstore_ps(du + i, m, _mm256_mul_ps(_mm256_mul_ps(d, gv), sv));
   }
+}
+
+void backward_avx2(const float* g, const float* u, const float* dh, float* dg, float* du, int64_t n) {
+#pragma omp parallel for schedule(static) if (n > (1 << 15))
+  for (int64_t c = 0; c < n; c += kChunk) backward_chunk(g, u, dh, dg, du, c, std::min(n, c + kChunk));
 }
 #endif
 
