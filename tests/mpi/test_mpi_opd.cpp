@@ -284,10 +284,12 @@ void check_resume_on_every_layout(int deterministic) {
         EXPECT_EQ(x, y) << "line " << i;
       }
       // Parameters (model.h5) and AdamW moments (the final checkpoint), per tensor max |a - b| / max |a|.
-      // Worst per group. Parameters within tol (measured 6.9e-7 at TP 2). The moments are averages of
-      // the gradients themselves, whose f32 TP sums differ from one process by up to 1.6e-6 relative
-      // (TensorParallelModel.F32ShardsComputeTheWholeModelWithin1e6): m measured 1.9e-6, bounded at
-      // 2 tol; v (an average of g^2, twice the relative error) 2.6e-6, at 3 tol. Bitwise in the
+      // Worst per group. Everything follows from the gradients, whose f32 TP sums differ from one
+      // process by up to 1.6e-6 relative (TensorParallelModel.F32ShardsComputeTheWholeModelWithin1e6):
+      // parameters and m (an average of the gradients) are bounded at 2 tol, v (an average of g^2,
+      // twice the relative error) at 3 tol. Measured: parameters 6.9e-7 with OpenBLAS in the decoding
+      // forwards, 5.4e-7 (-march=native) and 1.07e-6 (portable build) with the small-row kernels of
+      // docs/performance.md, which round differently; m 1.1-1.9e-6; v 1.5-2.6e-6. Bitwise in the
       // deterministic mode (the next test).
       std::map<std::string, std::pair<double, std::string>> worst;
       auto compare = [&](const std::string& name, const std::vector<double>& x, const std::vector<double>& y) {
@@ -318,7 +320,7 @@ void check_resume_on_every_layout(int deterministic) {
       ASSERT_EQ(ma.size(), mb.size());
       ASSERT_GT(ma.size(), 10u);
       for (const auto& [name, t] : ma) compare(name, t.to_f64_vector(), mb.at(name).to_f64_vector());
-      EXPECT_LE(worst["params"].first, tol) << worst["params"].second;
+      EXPECT_LE(worst["params"].first, 2 * tol) << worst["params"].second;
       EXPECT_LE(worst["m"].first, 2 * tol) << worst["m"].second;
       EXPECT_LE(worst["v"].first, 3 * tol) << worst["v"].second;
       std::printf("[resume at tp %d dp %d%s] worst rel err: parameters %.3g (%s), m %.3g, v %.3g\n", tp, dp,
