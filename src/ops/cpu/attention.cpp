@@ -500,10 +500,12 @@ struct Avx2Ops {
   }
 };
 
-// The per-row forward (forward_rows) vectorised, for tiles of a few query positions (decoding: 1 to
-// 8 tokens a step). There the blocked path's packing of the tile's keys and values costs as much as
-// the products themselves (12 % of a block-diffusion decode); here each row reads its allowed keys
-// and values in place. Non-finite values only reach the rows allowed to see them, as in forward_rows.
+// The per-row forward (forward_rows) vectorised, for tiles of at most kRowPathRows stacked rows (AR
+// decoding: one query position times the group's heads). There the blocked path's packing of the
+// tile's keys and values costs as much as the products themselves; here each row reads its allowed
+// keys and values in place. Block-diffusion tiles (4 positions x G heads) stay on the blocked path,
+// which measured faster for them. Non-finite values only reach the rows allowed to see them, as in
+// forward_rows.
 OPDLM_AVX2 inline float dot_avx2(const float* a, const float* b, int64_t n) {
   __m256 acc = _mm256_setzero_ps();
   int64_t e = 0;
